@@ -1,0 +1,1 @@
+"""Small scripted agents that tests run in real job processes (imported by the child)."""

@@ -1,0 +1,91 @@
+"""Helpers for tests that run real job processes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+from livekit.protocol import agent, models
+
+from trio_agents._jobs import JobAcceptArguments, RunningJobInfo
+from trio_agents._options import RunConfig, ServerOptions, resolve_options
+from trio_agents._supervisor import ProcessSupervisor
+
+from agents import scripted
+
+FINAL = (agent.JS_SUCCESS, agent.JS_FAILED)
+
+
+def make_config(**options: Any) -> RunConfig:
+    options.setdefault("entrypoint_fnc", scripted.entrypoint)
+    options.setdefault("num_idle_processes", 0)
+    options.setdefault("shutdown_process_timeout", 1.0)
+    return resolve_options(ServerOptions(**options), devmode=True, require_credentials=False)
+
+
+def job_info(job_id: str, metadata: str = "ok", *,
+             attributes: dict[str, str] | None = None) -> RunningJobInfo:
+    job = agent.Job(id=job_id, type=agent.JT_ROOM, metadata=metadata, agent_name="tester",
+                    room=models.Room(name=f"room-{job_id}", sid=f"RM_{job_id}"))
+    return RunningJobInfo(
+        accept_arguments=JobAcceptArguments(name="agent", identity=f"agent-{job_id}",
+                                            metadata="", attributes=attributes or {}),
+        job=job, url="ws://localhost:7880", token="token", worker_id="AW_test",
+    )
+
+
+@attrs.define
+class Reports:
+    """Collects ``report(job_id, status, error)`` calls; lets a test wait for a final one."""
+
+    calls: list[tuple[str, int, str]] = attrs.field(factory=list)
+    changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def __call__(self, job_id: str, status: int, error: str) -> None:
+        self.calls.append((job_id, status, error))
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def final(self, job_id: str) -> tuple[int, str] | None:
+        for jid, status, error in self.calls:
+            if jid == job_id and status in FINAL:
+                return status, error
+        return None
+
+    async def wait_final(self, job_id: str) -> tuple[int, str]:
+        while (result := self.final(job_id)) is None:
+            await self.changed.wait()
+        return result
+
+    def statuses(self, job_id: str) -> list[int]:
+        return [status for jid, status, _ in self.calls if jid == job_id]
+
+
+@asynccontextmanager
+async def running_supervisor(
+    config: RunConfig, reports: Callable[[str, int, str], None] | None = None,
+) -> AsyncIterator[tuple[ProcessSupervisor, Reports]]:
+    rec = Reports()
+    sup = ProcessSupervisor(config, report=reports or rec)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        yield sup, rec
+        nursery.cancel_scope.cancel()
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))

@@ -1,0 +1,194 @@
+"""The job-process IPC: framing edge cases, a round trip of every message type, the channel."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import attrs
+import pytest
+import trio
+import trio.testing
+from livekit.protocol import agent, models
+
+from trio_agents import _ipc
+from trio_agents._errors import LocalProtocolError, RemoteProtocolError
+from trio_agents._ipc import FrameDecoder, encode_frame
+from trio_agents._jobs import JobAcceptArguments, RunningJobInfo
+from trio_agents._loading import FunctionRef
+
+# -- framing ----------------------------------------------------------------------------------
+
+
+def test_frames_split_at_every_byte_boundary() -> None:
+    stream = encode_frame(b"hello") + encode_frame(b"") + encode_frame(b"x" * 300)
+    for step in (1, 2, 3, 5, 7, len(stream)):
+        decoder = FrameDecoder()
+        frames = []
+        for i in range(0, len(stream), step):
+            frames += decoder.feed(stream[i:i + step])
+        assert frames == [b"hello", b"", b"x" * 300]
+        decoder.eof()  # nothing left over: a clean end
+
+
+def test_many_frames_in_one_chunk() -> None:
+    frames = [bytes([i]) * i for i in range(50)]
+    assert FrameDecoder().feed(b"".join(encode_frame(f) for f in frames)) == frames
+
+
+def test_oversized_frame_is_refused_before_buffering() -> None:
+    decoder = FrameDecoder(max_frame_size=10)
+    assert decoder.feed(encode_frame(b"0123456789", max_frame_size=10)) == [b"0123456789"]
+    with pytest.raises(RemoteProtocolError, match="11 bytes announced, more than the maximum"):
+        decoder.feed(b"\x00\x00\x00\x0b")  # header only: refused without waiting for the body
+    with pytest.raises(RemoteProtocolError):  # the stream cannot be resynchronised
+        decoder.feed(encode_frame(b"ok"))
+
+
+def test_sending_an_oversized_frame_is_our_bug() -> None:
+    with pytest.raises(LocalProtocolError, match="exceeds the maximum of 4 bytes"):
+        encode_frame(b"12345", max_frame_size=4)
+
+
+@pytest.mark.parametrize(("data", "detail"), [
+    (b"\x00\x00", "2 byte(s) of a 4-byte header"),
+    (b"\x00\x00\x00\x05abc", "3 of 5 payload bytes"),
+])
+def test_truncated_frame_at_eof(data: bytes, detail: str) -> None:
+    decoder = FrameDecoder()
+    assert decoder.feed(data) == []
+    with pytest.raises(RemoteProtocolError, match="ended inside a frame") as info:
+        decoder.eof()
+    assert detail in str(info.value)
+
+
+# -- messages ---------------------------------------------------------------------------------
+
+
+def _info() -> RunningJobInfo:
+    job = agent.Job(
+        id="AJ_1", dispatch_id="AD_1", type=agent.JT_PUBLISHER, metadata='{"k": "v"}',
+        agent_name="bob", room=models.Room(name="room é", sid="RM_1"),
+        participant=models.ParticipantInfo(identity="alice", sid="PA_1"),
+    )
+    return RunningJobInfo(
+        accept_arguments=JobAcceptArguments(
+            name="Agent", identity="agent-AJ_1", metadata="m",
+            attributes={"lk.agent.name": "bob", "colour": "blue", "empty": ""},
+        ),
+        job=job, url="wss://example", token="tok", worker_id="AW_1", fake_job=True,
+        received_at=1.5, accepted_at=2.25, assigned_at=3.0, launched_at=1e9 + 0.125,
+    )
+
+
+SAMPLES: list[_ipc.Message] = [
+    _ipc.InitializeRequest(
+        entrypoint=FunctionRef("agents.scripted", "entrypoint"),
+        setup=FunctionRef("__main__", "setup", "/srv/agent.py"), session_end=None,
+        executor_type="process", http_proxy="http://proxy:3128", ws_url="ws://x",
+        api_key="k", api_secret="s", log_level="DEBUG", session_end_timeout=2.5,
+        shutdown_callback_timeout=1.0,
+    ),
+    _ipc.InitializeRequest(entrypoint=FunctionRef("m", "f")),
+    _ipc.InitializeResponse(),
+    _ipc.InitializeResponse(error="RuntimeError: boom", traceback="Traceback ...\n"),
+    _ipc.Ping(seq=7, sent_at=123.456),
+    _ipc.Pong(seq=7, sent_at=123.456),
+    _ipc.StartJob.from_info(_info()),
+    _ipc.JobStarted(),
+    _ipc.ShutdownRequest(reason="terminated by the LiveKit server"),
+    _ipc.LogRecord(name="agents.x", level=20, msg="héllo\nworld", created=1.25,
+                   exc_text="Traceback", pathname="/a.py", lineno=3, func_name="f",
+                   fields={"job_id": "AJ_1", "n": 3, "ratio": 0.5, "ok": True, "none": None}),
+    _ipc.JobFinished(outcome=_ipc.FAILED, error="ValueError: x", user_initiated=True,
+                     reason="job crashed"),
+]
+
+
+def test_every_message_type_has_a_sample() -> None:
+    assert {type(m) for m in SAMPLES} == set(_ipc.MESSAGES)
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg: _ipc.Message) -> None:
+    assert _ipc.decode(_ipc.encode(msg)) == msg
+
+
+def test_running_job_info_survives_the_trip_with_accept_attributes() -> None:
+    info = _info()
+    back = _ipc.decode(_ipc.encode(_ipc.StartJob.from_info(info)))
+    assert isinstance(back, _ipc.StartJob)
+    assert back.to_info() == info  # protobuf equality for the job, attrs for the rest
+    assert dict(back.to_info().accept_arguments.attributes) == {
+        "lk.agent.name": "bob", "colour": "blue", "empty": ""}
+
+
+@pytest.mark.parametrize(("payload", "match"), [
+    (b"\xff", "not valid JSON"),
+    (b"{}", r"not a \[tag, fields...\] array"),
+    (b"[99]", "unknown IPC message tag 99"),
+    (b"[2,1]", "Ping has 1 fields, expected 2"),
+    (b'[2,"1",2.0]', "Ping.seq: expected int, got str"),
+    (b"[2,true,2.0]", "Ping.seq: expected int, got bool"),
+    (b'[6,{"a":1}]', "ShutdownRequest.reason"),
+    (json.dumps([4] + [None] * 13).encode(), "StartJob.job"),
+])
+def test_malformed_messages_name_the_problem(payload: bytes, match: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=match):
+        _ipc.decode(payload)
+
+
+def test_attribute_values_must_be_strings() -> None:
+    good = _ipc.encode(_ipc.StartJob.from_info(_info()))
+    data = json.loads(good)
+    data[9] = {"colour": 3}
+    with pytest.raises(RemoteProtocolError, match="accept_attributes: expected string values"):
+        _ipc.decode(json.dumps(data).encode())
+
+
+# -- channel ----------------------------------------------------------------------------------
+
+
+async def test_channel_round_trip_and_clean_eof() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    left, right = _ipc.IpcChannel(a), _ipc.IpcChannel(b)
+    for msg in SAMPLES:
+        await left.send(msg)
+        assert await right.receive() == msg
+    await left.aclose()
+    with pytest.raises(trio.EndOfChannel):
+        await right.receive()
+    with pytest.raises(trio.EndOfChannel):  # and stays ended
+        await right.receive()
+
+
+async def test_channel_truncated_frame_is_a_remote_error() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    right = _ipc.IpcChannel(b)
+    await a.send_all(encode_frame(b'[7]')[:-1])
+    await a.aclose()
+    with pytest.raises(RemoteProtocolError, match="ended inside a frame"):
+        await right.receive()
+
+
+async def test_channel_oversized_frame_is_a_remote_error() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    right = _ipc.IpcChannel(b, max_frame_size=100)
+    await a.send_all(b"\x00\x01\x00\x00")
+    with pytest.raises(RemoteProtocolError, match="65536 bytes announced"):
+        await right.receive()
+
+
+async def test_send_to_a_closed_socket_is_a_remote_error() -> None:
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    chan = _ipc.IpcChannel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+    with pytest.raises(RemoteProtocolError, match="IPC peer is gone"):
+        for _ in range(100):  # the first send may still be buffered
+            await chan.send(_ipc.Ping(seq=1, sent_at=0.0))
+    await chan.aclose()
+
+
+def test_messages_are_frozen() -> None:
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        _ipc.Ping(seq=1, sent_at=0.0).seq = 2  # type: ignore[misc]
