@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import attrs
@@ -89,3 +90,43 @@ def alive(pid: int) -> bool:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+class LogWatch(logging.Handler):
+    """Collects log records (ours and those shipped by job processes) and lets a test await one.
+
+    Records re-emitted from job processes arrive on the trio thread, so a ``trio.Event`` works.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._changed = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def matching(self, text: str, **fields: object) -> list[logging.LogRecord]:
+        return [r for r in self.records if text in r.getMessage()
+                and all(getattr(r, k, None) == v for k, v in fields.items())]
+
+    async def wait_for(self, text: str, **fields: object) -> logging.LogRecord:
+        while not (found := self.matching(text, **fields)):
+            await self._changed.wait()
+        return found[0]
+
+
+@contextmanager
+def watching_logs() -> Iterator[LogWatch]:
+    watch = LogWatch()
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(watch)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield watch
+    finally:
+        root.removeHandler(watch)
+        root.setLevel(old_level)

@@ -198,6 +198,7 @@ class _Job:
         self.started = False
         self.done = trio.Event()
         self.token: trio.lowlevel.TrioToken | None = None
+        self.chan: _ipc.IpcChannel
 
     def request_stop(self, reason: str, user_initiated: bool) -> None:
         """First reason wins; cancels the entrypoint (trio thread only; see ``shutdown``)."""
@@ -218,7 +219,7 @@ class _Job:
     async def serve(self, sock: socket.socket) -> None:
         self.token = trio.lowlevel.current_trio_token()
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-        chan = _ipc.IpcChannel(stream)
+        chan = self.chan = _ipc.IpcChannel(stream)
         send, receive = trio.open_memory_channel[_ipc.Message](LOG_BUFFER)
         self.outbox.attach(send)
         try:
@@ -252,7 +253,10 @@ class _Job:
                 self._parent_gone()
                 return
             if isinstance(msg, _ipc.Ping):
-                await send.send(_ipc.Pong(seq=msg.seq, sent_at=msg.sent_at))
+                try:
+                    await send.send(_ipc.Pong(seq=msg.seq, sent_at=msg.sent_at))
+                except trio.ClosedResourceError:
+                    pass  # the job is over and its last messages are being written
             elif isinstance(msg, _ipc.StartJob) and not self.started and self.stop_reason is None:
                 self.started = True
                 nursery.start_soon(self._run_job, msg, send)
@@ -281,7 +285,9 @@ class _Job:
         if self.handler is not None:
             self.handler.ctx = ctx
         set_job_context(ctx)
-        await send.send(_ipc.JobStarted())
+        # Written before the entrypoint runs (not queued): an entrypoint that blocks its thread
+        # at once must still be seen as started.
+        await self.chan.send(_ipc.JobStarted())
         outcome, error = _ipc.SUCCESS, ""
         with self.entry_scope:
             try:

@@ -72,7 +72,7 @@ def find_marked(prefix: str) -> list[int]:
 def kill_marked(prefix: str, *, rounds: int = 10) -> int:
     """SIGKILL every marked process, rescanning until none is left (a process may fork while
     we scan). Returns how many were killed."""
-    killed = 0
+    killed: set[int] = set()
     for _ in range(rounds):
         pids = find_marked(prefix)
         if not pids:
@@ -80,10 +80,10 @@ def kill_marked(prefix: str, *, rounds: int = 10) -> int:
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
-                killed += 1
+                killed.add(pid)
             except (ProcessLookupError, PermissionError):
                 pass
-    return killed
+    return len(killed)
 
 
 def _reaper_main(prefix: str) -> None:

@@ -67,7 +67,7 @@ async def entrypoint(ctx: JobContext) -> None:
         setsid = "import os, time; os.setsid(); time.sleep(3600)"
         a = subprocess.Popen([sys.executable, "-c", code])
         b = subprocess.Popen([sys.executable, "-c", setsid])
-        log.info("grandchildren %d %d", a.pid, b.pid, extra={"grandchildren": f"{a.pid},{b.pid}"})
+        log.info("spawned grandchildren %d %d", a.pid, b.pid, extra={"grandchildren": f"{a.pid},{b.pid}"})
         await trio.sleep(float(arg or 3600))
     elif action == "memory":
         blob = bytearray(int(arg) * 2**20)  # touched: bytearray zero-fills
