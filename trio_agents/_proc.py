@@ -36,7 +36,7 @@ import os
 import signal
 import socket
 import sys
-from typing import Final, final
+from typing import TYPE_CHECKING, Final, final
 
 import trio
 from livekit.protocol import agent
@@ -46,6 +46,10 @@ from ._errors import InitializeTimeout, JobProcessError, RemoteProtocolError
 from ._jobs import RunningJobInfo, StatusReport, job_fields
 from ._options import RunConfig
 from ._procutil import MARKER_ENV, kill_group, kill_marked
+
+if TYPE_CHECKING:
+    from ._child import Functions
+    from ._thread_executor import ThreadRun
 
 logger = logging.getLogger("trio_agents.supervisor")
 
@@ -75,8 +79,10 @@ class JobProcessHandle:
     """The server's side of one job process. Build it, then ``await nursery.start(h.run)``."""
 
     def __init__(self, config: RunConfig, init: _ipc.InitializeRequest, *, report: StatusReport,
-                 marker: str) -> None:
+                 marker: str, functions: Functions | None = None) -> None:
         self._config = config
+        self._functions = functions
+        """Given: run on a thread (``JobExecutorType.THREAD``) instead of a process."""
         self._opts = config.options
         self._init = init
         self._report = report
@@ -86,7 +92,7 @@ class JobProcessHandle:
         self.pid = 0
         self.spawned_at = 0.0
         self.ready_at = 0.0
-        self._process: trio.Process | None = None
+        self._process: trio.Process | ThreadRun | None = None
         self._chan: _ipc.IpcChannel | None = None
         self._life = trio.CancelScope()
         self._pong_scope = trio.CancelScope()
@@ -148,23 +154,32 @@ class JobProcessHandle:
 
         Raises ``JobProcessError`` (``InitializeTimeout``) only before ``started``.
         """
-        await self._spawn()
-        try:
-            with self._life:
-                await self._live(task_status)
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._wind_down()
+        async with trio.open_nursery() as host:  # hosts the job thread (thread executor only)
+            await self._spawn(host)
+            try:
+                with self._life:
+                    await self._live(task_status)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._wind_down()
         if self._init_error is not None:
             raise self._init_error
 
-    async def _spawn(self) -> None:
+    async def _spawn(self, host: trio.Nursery) -> None:
         ours, theirs = socket.socketpair()
+        self.spawned_at = trio.current_time()
+        if self._functions is not None:
+            from ._thread_executor import ThreadRun
+
+            thread = self._process = ThreadRun()
+            await host.start(thread.run, theirs, self._functions)
+            self.pid = thread.pid
+            self._chan = _ipc.IpcChannel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+            return
         env = dict(os.environ)
         env[MARKER_ENV] = self.marker
         env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
         argv = [sys.executable, "-m", "trio_agents._child", str(theirs.fileno()), str(os.getpid())]
-        self.spawned_at = trio.current_time()
         try:
             self._process = await trio.lowlevel.open_process(
                 argv, pass_fds=(theirs.fileno(),), start_new_session=True, env=env,
@@ -211,7 +226,8 @@ class JobProcessHandle:
             self.state = State.IDLE
             self.ready_at = trio.current_time()
             nursery.start_soon(self._watchdog)
-            nursery.start_soon(self._memory_watch)
+            if self._functions is None:
+                nursery.start_soon(self._memory_watch)
             task_status.started(self)
             await self._process.wait()
             nursery.cancel_scope.cancel()
@@ -331,7 +347,7 @@ class JobProcessHandle:
                 logger.warning("job process %d %s (%.1f s elapsed): SIGTERM to its group",
                                self.pid, self._escalated, trio.current_time() - begun,
                                extra=self._extra())
-                kill_group(self.pid, signal.SIGTERM)
+                self._signal(signal.SIGTERM)
                 with trio.move_on_after(TERM_GRACE):
                     await self._wait_reading(process)
         if process.returncode is None:
@@ -339,11 +355,13 @@ class JobProcessHandle:
                 logger.warning("job process %d still alive %.1f s after SIGTERM: SIGKILL to its "
                                "group", self.pid, trio.current_time() - begun,
                                extra=self._extra())
-            kill_group(self.pid, signal.SIGKILL)
-            process.kill()
+            self._signal(signal.SIGKILL)
+            process.kill()  # a thread is abandoned: it cannot be killed
             await process.wait()
         # Anything it started: same group (gone with the leader unless setsid) or marked.
-        killed = await trio.to_thread.run_sync(kill_marked, self.marker)
+        killed = 0
+        if self._functions is None:
+            killed = await trio.to_thread.run_sync(kill_marked, self.marker)
         if killed:
             logger.warning("job process %d left %d process(es) behind; killed them", self.pid,
                            killed, extra=self._extra())
@@ -358,6 +376,10 @@ class JobProcessHandle:
                          extra=self._extra())
         self._report_outcome(process.returncode)
 
+    def _signal(self, sig: int) -> None:
+        if self._functions is None:  # never signal our own group from a thread job
+            kill_group(self.pid, sig)
+
     async def _send_quietly(self, msg: _ipc.Message) -> None:
         assert self._chan is not None
         with trio.move_on_after(DRAIN_TIMEOUT):
@@ -366,7 +388,7 @@ class JobProcessHandle:
             except RemoteProtocolError:
                 pass
 
-    async def _wait_reading(self, process: trio.Process) -> None:
+    async def _wait_reading(self, process: trio.Process | ThreadRun) -> None:
         async with trio.open_nursery() as nursery:
             if not self._eof and self._kill_reason is None:
                 nursery.start_soon(self._read_loop)

@@ -42,6 +42,7 @@ import trio
 from livekit.protocol import agent
 
 from . import _ipc, _procutil
+from ._child import Functions
 from ._errors import ConfigError, JobProcessError
 from ._jobs import RunningJobInfo, StatusReport, job_fields
 from ._loading import FunctionRef
@@ -267,7 +268,7 @@ class ProcessSupervisor:
         if nursery is None:
             raise JobProcessError("the job supervisor is not running")
         self._counter += 1
-        handle = self._make_handle(f"{self._token}/{self._counter}")
+        handle = self._make_handle(f"{self._token}/{self._counter}/")  # "/": 1/ is no prefix of 10/
         async with self._init_limiter:
             started: JobProcessHandle = await nursery.start(self._supervise, handle)
         self._failures = 0
@@ -275,9 +276,14 @@ class ProcessSupervisor:
         return started
 
     def _make_handle(self, marker: str) -> JobProcessHandle:
+        functions = None
         if self._threaded:
-            raise ConfigError("JobExecutorType.THREAD is not supported yet")
-        return JobProcessHandle(self._config, self._init, report=self._report, marker=marker)
+            opts = self._config.options
+            assert opts.entrypoint_fnc is not None
+            functions = Functions(entrypoint=opts.entrypoint_fnc, setup=opts.prewarm_fnc,
+                                  session_end=opts.session_end_fnc)
+        return JobProcessHandle(self._config, self._init, report=self._report, marker=marker,
+                                functions=functions)
 
     async def _supervise(self, handle: JobProcessHandle, *,
                          task_status: trio.TaskStatus[JobProcessHandle]) -> None:
