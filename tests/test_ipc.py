@@ -45,6 +45,23 @@ def test_oversized_frame_is_refused_before_buffering() -> None:
         decoder.feed(encode_frame(b"ok"))
 
 
+def test_frames_before_a_bad_header_are_delivered_then_the_error() -> None:
+    decoder = FrameDecoder(max_frame_size=10)
+    assert decoder.feed(encode_frame(b"a") + encode_frame(b"b") + b"\xff\xff\xff\xff") == [
+        b"a", b"b"]
+    with pytest.raises(RemoteProtocolError, match="4294967295 bytes announced"):
+        decoder.feed(b"")
+
+
+async def test_channel_delivers_good_messages_before_the_bad_frame() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    right = _ipc.IpcChannel(b)
+    await a.send_all(encode_frame(_ipc.encode(_ipc.JobStarted())) + b"\xff\xff\xff\xff")
+    assert await right.receive() == _ipc.JobStarted()
+    with pytest.raises(RemoteProtocolError, match="4294967295 bytes announced"):
+        await right.receive()  # without waiting for more data
+
+
 def test_sending_an_oversized_frame_is_our_bug() -> None:
     with pytest.raises(LocalProtocolError, match="exceeds the maximum of 4 bytes"):
         encode_frame(b"12345", max_frame_size=4)

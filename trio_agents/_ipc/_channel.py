@@ -45,6 +45,7 @@ class IpcChannel:
         while not self._pending:
             if self._eof:
                 raise trio.EndOfChannel
+            self._decoder.feed(b"")  # raises if the stream broke after the last whole frame
             try:
                 data = await self._stream.receive_some(_RECEIVE_SIZE)
             except (trio.BrokenResourceError, OSError) as exc:

@@ -46,6 +46,8 @@ class FrameDecoder:
         return len(self._buffer)
 
     def feed(self, data: bytes | bytearray) -> list[bytes]:
+        """Whole frames completed by ``data``. Frames before a bad header are still returned;
+        the error is raised by the next call (``feed(b"")`` checks without new data)."""
         if self._broken is not None:
             raise RemoteProtocolError(self._broken, reconnect=False)
         self._buffer += data
@@ -57,6 +59,8 @@ class FrameDecoder:
                     f"IPC frame of {length} bytes announced, more than the maximum of "
                     f"{self._max} bytes (corrupt stream or a peer speaking another protocol)"
                 )
+                if frames:
+                    return frames
                 raise RemoteProtocolError(self._broken, reconnect=False)
             end = HEADER.size + length
             if len(self._buffer) < end:
