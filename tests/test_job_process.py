@@ -14,7 +14,7 @@ from trio_agents import _ipc
 from trio_agents._context import _takes_reason
 from trio_agents._loading import FunctionRef
 from trio_agents._options import JobExecutorType
-from trio_agents._proc import outcome
+from trio_agents._proc import INTERRUPTED, outcome
 from trio_agents._supervisor import setup_retry_delay
 
 from agents import scripted
@@ -40,6 +40,24 @@ CRASHED = _ipc.JobFinished(outcome=_ipc.FAILED, error="ValueError: x", reason="j
 def test_outcome(returncode: int, finished: _ipc.JobFinished | None, kill: str | None,
                  escalated: str, expected: tuple[int, str]) -> None:
     assert outcome(returncode, finished, kill_reason=kill, escalated=escalated) == expected
+
+
+STOPPED = _ipc.JobFinished(outcome=_ipc.SUCCESS, reason="server shutting down")
+
+
+@pytest.mark.parametrize(("returncode", "finished", "escalated", "expected"), [
+    # wound down cleanly, but only because the server stopped it: not a success
+    (0, STOPPED, "", (agent.JS_FAILED, INTERRUPTED)),
+    (-15, None, "did not stop within 1 s of the shutdown request",
+     (agent.JS_FAILED, f"{INTERRUPTED}; did not stop within 1 s of the shutdown request")),
+    # a crash during the wind-down still names the crash
+    (0, CRASHED, "", (agent.JS_FAILED, "ValueError: x")),
+])
+def test_outcome_of_a_job_the_server_interrupted(
+    returncode: int, finished: _ipc.JobFinished | None, escalated: str,
+    expected: tuple[int, str],
+) -> None:
+    assert outcome(returncode, finished, escalated=escalated, interrupted=True) == expected
 
 
 def test_setup_retry_schedule() -> None:

@@ -13,6 +13,7 @@ import trio
 from livekit.protocol import agent, models
 
 from trio_agents._errors import InitializeTimeout, JobProcessError
+from trio_agents._proc import INTERRUPTED
 from trio_agents._supervisor import ProcessSupervisor
 
 from agents import scripted
@@ -240,8 +241,8 @@ async def test_cancelling_run_stops_every_job_and_reports_it() -> None:
         await sup.launch(job_info("b", "sleep:3600"))
         pids = [h.pid for h in sup.job_processes]
         nursery.cancel_scope.cancel()
-    finals = {(j, s) for j, s, _ in reports_seen if s != agent.JS_RUNNING}
-    assert finals == {("a", agent.JS_SUCCESS), ("b", agent.JS_SUCCESS)}
+    finals = {(j, s, e) for j, s, e in reports_seen if s != agent.JS_RUNNING}
+    assert finals == {("a", agent.JS_FAILED, INTERRUPTED), ("b", agent.JS_FAILED, INTERRUPTED)}
     assert not any(alive(pid) for pid in pids)
 
 

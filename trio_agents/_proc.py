@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("trio_agents.supervisor")
 
+#: The error of a job the agent server stopped before it finished (see ``outcome``).
+INTERRUPTED: Final = "stopped before it finished: the agent server shut down"
 #: Wait between SIGTERM and SIGKILL of a job process group.
 TERM_GRACE: Final = 0.5
 #: How long the last messages of an exited child may take to arrive.
@@ -104,6 +106,7 @@ class JobProcessHandle:
         self._kill_reason: str | None = None
         self._stop_reason: str | None = None
         self._escalated = ""
+        self._interrupted = False
         self._eof = False
         self._reported = False
 
@@ -336,6 +339,10 @@ class JobProcessHandle:
         self.state = State.ENDED
         self._job_event.set()
         begun = trio.current_time()
+        # Not stopped through stop() and still running its job: the server is going away.
+        self._interrupted = (self._stop_reason is None and self._kill_reason is None
+                             and self.info is not None and self._finished is None
+                             and process.returncode is None)
         if process.returncode is None and self._kill_reason is None and self._init_response:
             reason = self._stop_reason or "server shutting down"
             await self._send_quietly(_ipc.ShutdownRequest(reason=reason))
@@ -400,7 +407,7 @@ class JobProcessHandle:
             return
         self._reported = True
         status, error = outcome(returncode, self._finished, kill_reason=self._kill_reason,
-                                escalated=self._escalated)
+                                escalated=self._escalated, interrupted=self._interrupted)
         job_id = self.info.job.id
         if status == agent.JS_SUCCESS:
             logger.info("job %s finished (%s)", job_id,
@@ -421,10 +428,18 @@ class JobProcessHandle:
 
 
 def outcome(returncode: int | None, finished: _ipc.JobFinished | None, *,
-            kill_reason: str | None = None, escalated: str = "") -> tuple[int, str]:
-    """The job status and error for a job process that ended (pure: see the tests)."""
+            kill_reason: str | None = None, escalated: str = "",
+            interrupted: bool = False) -> tuple[int, str]:
+    """The job status and error for a job process that ended (pure: see the tests).
+
+    ``interrupted``: the agent server itself stopped the job while it ran (a forced stop, or
+    a drain whose budget ran out) — not the job's own end, nor a termination LiveKit asked for,
+    so it is not a success even if the job wound down cleanly.
+    """
     if kill_reason:
         return agent.JS_FAILED, kill_reason
+    if interrupted and (finished is None or finished.outcome != _ipc.FAILED):
+        return agent.JS_FAILED, INTERRUPTED + (f"; {escalated}" if escalated else "")
     if finished is not None:
         if finished.outcome == _ipc.FAILED:
             return agent.JS_FAILED, finished.error or "the job failed"
