@@ -12,8 +12,7 @@ import inspect
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
-import importlib
-from typing import Any, Literal, final, overload
+from typing import TYPE_CHECKING, Any, Literal, final, overload
 
 from livekit.protocol import agent, models
 
@@ -24,6 +23,9 @@ logger = logging.getLogger("trio_agents.job")
 
 #: ``cb()`` or ``cb(reason)``, async; any callable (``functools.partial``, bound methods, objects).
 ShutdownCallback = Callable[..., Awaitable[None]]
+
+if TYPE_CHECKING:
+    from .api import LiveKitAPI
 
 
 @final
@@ -91,7 +93,7 @@ class JobContext:
         self._callbacks: list[ShutdownCallback] = []
         self._log_fields: dict[str, Any] = {}
         self._credentials = api_credentials
-        self._api: Any = None
+        self._api: LiveKitAPI | None = None
 
     # -- the job ------------------------------------------------------------------------------
 
@@ -167,22 +169,26 @@ class JobContext:
     # -- LiveKit API --------------------------------------------------------------------------
 
     @property
-    def api(self) -> Any:
+    def api(self) -> LiveKitAPI:
         """A ``trio_agents.api.LiveKitAPI`` for the server the job came from (made on first use,
         so a job that never calls the API never imports httpx)."""
         if self._api is None:
+            from .api import LiveKitAPI
+
             url, key, secret = self._credentials
-            self._api = importlib.import_module("trio_agents.api").LiveKitAPI(url, key, secret)
+            self._api = LiveKitAPI(url, key, secret)
         return self._api
 
     async def delete_room(self, room_name: str | None = None) -> None:
         """Delete the job's room (or ``room_name``); a room that is already gone is fine."""
-        twirp_error = importlib.import_module("trio_agents.api").TwirpError
-        name = room_name or self.room_name
+        from livekit.protocol import room
+
+        from .api import TwirpError
+
         try:
-            await self.api.room.delete_room(name)
-        except twirp_error as exc:
-            if getattr(exc, "code", "") != "not_found":
+            await self.api.room.delete_room(room.DeleteRoomRequest(room=room_name or self.room_name))
+        except TwirpError as exc:
+            if exc.code != "not_found":
                 raise
 
     def __repr__(self) -> str:

@@ -1,0 +1,164 @@
+"""A small client of LiveKit's server API (Twirp over HTTP, via httpx, usable under trio).
+
+Method names and request/response types follow ``livekit-api``, so porting is a change of
+import::
+
+    async with LiveKitAPI(url, api_key, api_secret) as api:
+        room = await api.room.create_room(CreateRoomRequest(name="support"))
+        await api.agent_dispatch.create_dispatch(
+            CreateAgentDispatchRequest(room="support", agent_name="helper"))
+
+Each call carries a fresh short-lived token with just the grants it needs. Used outside
+``async with``, each call opens (and closes) its own connection.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypeVar, final
+
+import httpx
+from google.protobuf.message import Message
+from livekit.protocol import agent_dispatch, models, room
+
+from ._auth import VideoGrants, create_token
+from ._errors import TrioAgentsError
+
+M = TypeVar("M", bound=Message)
+TOKEN_TTL = 600.0
+
+
+class TwirpError(TrioAgentsError):
+    """The server answered with an error: ``code`` is Twirp's (``not_found``, …)."""
+
+    def __init__(self, code: str, msg: str, status: int) -> None:
+        super().__init__(f"{code}: {msg} (HTTP {status})")
+        self.code, self.msg, self.status = code, msg, status
+
+
+@final
+class LiveKitAPI:
+    """The entry point: ``.room`` (RoomService) and ``.agent_dispatch`` (AgentDispatchService)."""
+
+    def __init__(self, url: str, api_key: str, api_secret: str, *, timeout: float = 10.0) -> None:
+        base = url.rstrip("/")
+        for ws, http in (("ws://", "http://"), ("wss://", "https://")):
+            if base.startswith(ws):
+                base = http + base[len(ws):]
+        self._base = base
+        self._key = api_key
+        self._secret = api_secret
+        self._timeout = timeout
+        self._client: httpx.AsyncClient | None = None
+        self.room = RoomService(self)
+        self.agent_dispatch = AgentDispatchService(self)
+
+    async def __aenter__(self) -> LiveKitAPI:
+        self._client = httpx.AsyncClient(timeout=self._timeout)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[httpx.AsyncClient]:
+        if self._client is not None:
+            yield self._client
+            return
+        async with httpx.AsyncClient(timeout=self._timeout) as client:
+            yield client
+
+    async def call(self, service: str, method: str, request: Message, response: type[M],
+                   grants: VideoGrants) -> M:
+        """POST one Twirp call with a protobuf body; raise ``TwirpError`` on an error answer."""
+        token = create_token(self._key, self._secret, video=grants, ttl=TOKEN_TTL)
+        async with self._session() as client:
+            answer = await client.post(
+                f"{self._base}/twirp/livekit.{service}/{method}",
+                content=request.SerializeToString(),
+                headers={"Authorization": f"Bearer {token}",
+                         "Content-Type": "application/protobuf"},
+            )
+        if answer.status_code != 200:
+            try:
+                body = json.loads(answer.content)
+                code, msg = str(body["code"]), str(body["msg"])
+            except (ValueError, KeyError, TypeError):  # e.g. the plain-text 401 of a bad token
+                code = "unauthenticated" if answer.status_code == 401 else "unknown"
+                msg = answer.text.strip()
+            raise TwirpError(code, msg, answer.status_code)
+        return response.FromString(answer.content)
+
+
+@final
+class RoomService:
+    def __init__(self, api: LiveKitAPI) -> None:
+        self._api = api
+
+    async def create_room(self, request: room.CreateRoomRequest) -> models.Room:
+        return await self._api.call("RoomService", "CreateRoom", request, models.Room,
+                                    VideoGrants(room_create=True))
+
+    async def list_rooms(self, request: room.ListRoomsRequest) -> room.ListRoomsResponse:
+        return await self._api.call("RoomService", "ListRooms", request, room.ListRoomsResponse,
+                                    VideoGrants(room_list=True))
+
+    async def delete_room(self, request: room.DeleteRoomRequest) -> room.DeleteRoomResponse:
+        return await self._api.call("RoomService", "DeleteRoom", request,
+                                    room.DeleteRoomResponse, VideoGrants(room_create=True))
+
+    async def list_participants(
+        self, request: room.ListParticipantsRequest
+    ) -> room.ListParticipantsResponse:
+        return await self._api.call("RoomService", "ListParticipants", request,
+                                    room.ListParticipantsResponse,
+                                    VideoGrants(room_admin=True, room=request.room))
+
+    async def get_participant(self, request: room.RoomParticipantIdentity) -> models.ParticipantInfo:
+        return await self._api.call("RoomService", "GetParticipant", request,
+                                    models.ParticipantInfo,
+                                    VideoGrants(room_admin=True, room=request.room))
+
+    async def remove_participant(
+        self, request: room.RoomParticipantIdentity
+    ) -> room.RemoveParticipantResponse:
+        return await self._api.call("RoomService", "RemoveParticipant", request,
+                                    room.RemoveParticipantResponse,
+                                    VideoGrants(room_admin=True, room=request.room))
+
+
+@final
+class AgentDispatchService:
+    def __init__(self, api: LiveKitAPI) -> None:
+        self._api = api
+
+    async def create_dispatch(
+        self, request: agent_dispatch.CreateAgentDispatchRequest
+    ) -> agent_dispatch.AgentDispatch:
+        return await self._api.call("AgentDispatchService", "CreateDispatch", request,
+                                    agent_dispatch.AgentDispatch,
+                                    VideoGrants(room_admin=True, room=request.room))
+
+    async def list_dispatch(
+        self, request: agent_dispatch.ListAgentDispatchRequest
+    ) -> agent_dispatch.ListAgentDispatchResponse:
+        return await self._api.call("AgentDispatchService", "ListDispatch", request,
+                                    agent_dispatch.ListAgentDispatchResponse,
+                                    VideoGrants(room_admin=True, room=request.room))
+
+    async def delete_dispatch(
+        self, request: agent_dispatch.DeleteAgentDispatchRequest
+    ) -> agent_dispatch.AgentDispatch:
+        return await self._api.call("AgentDispatchService", "DeleteDispatch", request,
+                                    agent_dispatch.AgentDispatch,
+                                    VideoGrants(room_admin=True, room=request.room))
+
+
+__all__ = ["AgentDispatchService", "LiveKitAPI", "RoomService", "TwirpError"]
