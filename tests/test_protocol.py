@@ -53,9 +53,10 @@ def accept(job_id: str = "AJ_1", identity: str = "agent-AJ_1") -> agent.Availabi
 
 def test_register_message_carries_identity_of_the_worker() -> None:
     proto = new_protocol()
-    assert proto.state is State.IDLE
+    states = [proto.state]
     msg = proto.register()
-    assert proto.state is State.REGISTERING
+    states.append(proto.state)
+    assert states == [State.IDLE, State.REGISTERING]
     assert msg.WhichOneof("message") == "register"
     assert msg.register.agent_name == "bot"
     assert msg.register.type == agent.JT_ROOM
