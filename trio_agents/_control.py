@@ -301,47 +301,40 @@ class ControlPlane:
         resource = parts.path + (f"?{parts.query}" if parts.query else "")
         token = worker_token(self._config.api_key, self._config.api_secret)
         headers = [(b"Authorization", f"Bearer {token}".encode())]
-        try:
-            # this nursery hosts trio-websocket's reader task, which is where a refused
-            # handshake or a broken socket surfaces: translate them here, once
-            async with trio.open_nursery() as nursery:
-                ws = await self._open_websocket(nursery, url, host, port, tls, resource, headers)
-                try:
-                    await self._run_session(ws, offers, registered)
-                finally:
-                    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-                        await ws.aclose()
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            leaves = [exc for exc in _leaves(group) if not isinstance(exc, trio.Cancelled)]
-            if len(leaves) != 1:
-                raise
-            raise _translate(leaves[0], url) from leaves[0].__cause__
-
-    async def _open_websocket(
-        self,
-        nursery: trio.Nursery,
-        url: str,
-        host: str,
-        port: int,
-        tls: bool,
-        resource: str,
-        headers: list[tuple[bytes, bytes]],
-    ) -> trio_websocket.WebSocketConnection:
-        """Open the socket and do the HTTP upgrade."""
+        deadline = trio.current_time() + CONNECT_TIMEOUT
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 stream = await self._open_stream(host, port, tls)
-                return await trio_websocket.wrap_client_stream(
-                    # typed for socket streams, but any trio Stream works (the dev server's
-                    # in-memory streams in virtual-time tests)
-                    nursery, stream, host, resource,  # type: ignore[arg-type]
-                    extra_headers=headers, max_message_size=MAX_MESSAGE_SIZE,
-                )
         except trio.TooSlowError as exc:
-            raise _ConnectionLost(f"no websocket to {url} within {CONNECT_TIMEOUT:.0f} s") from exc
+            raise _ConnectionLost(f"no connection to {url} within {CONNECT_TIMEOUT:.0f} s") from exc
         except Exception as exc:
             raise _translate(exc, url) from exc
+        async with stream:  # closed on every path, a refused handshake included
+            try:
+                # this nursery hosts trio-websocket's reader task, which is where a refused
+                # handshake or a broken socket surfaces: translate them here, once
+                async with trio.open_nursery() as nursery:
+                    with trio.move_on_at(deadline) as upgrade:
+                        ws = await trio_websocket.wrap_client_stream(
+                            # typed for socket streams, but any trio Stream works (the dev
+                            # server's in-memory streams in virtual-time tests)
+                            nursery, stream, host, resource,  # type: ignore[arg-type]
+                            extra_headers=headers, max_message_size=MAX_MESSAGE_SIZE,
+                        )
+                    if upgrade.cancelled_caught:
+                        raise _ConnectionLost(
+                            f"no websocket to {url} within {CONNECT_TIMEOUT:.0f} s")
+                    try:
+                        await self._run_session(ws, offers, registered)
+                    finally:
+                        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                            await ws.aclose()
+                        nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                leaves = [exc for exc in _leaves(group) if not isinstance(exc, trio.Cancelled)]
+                if len(leaves) != 1:
+                    raise
+                raise _translate(leaves[0], url) from leaves[0].__cause__
 
     async def _run_session(
         self,
