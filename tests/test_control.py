@@ -7,6 +7,7 @@ asserted exactly with ``autojump_clock``.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import AsyncIterator
 
 import jwt
@@ -98,16 +99,30 @@ async def test_accept_arguments_reach_the_assignment(dev: DevServer, opener: Ope
         assert claims["video"]["room"] == "r2" and claims["video"]["roomJoin"]
 
 
-async def test_reject_sends_the_job_to_the_next_worker(dev: DevServer, opener: OpenStream, autojump_clock: trio.testing.MockClock) -> None:
+class FirstCandidate(random.Random):
+    """The dev server's weighted pick, made deterministic: the first registered worker."""
+
+    def choices(self, population, weights=None, *, cum_weights=None, k=1):  # type: ignore[no-untyped-def]
+        return [population[0]]
+
+
+async def test_reject_sends_the_job_to_the_next_worker(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
     async def refuse(req: JobRequest) -> None:
         await req.reject()
 
-    picky, picky_sup = make_control(opener, request_fnc=refuse)
-    willing, willing_sup = make_control(opener)
-    async with running(picky), running(willing):
-        for n in range(4):  # whichever worker is tried first, the willing one ends up with it
-            await dev.create_room(f"room-{n}")
-        await willing_sup.wait_launched(4)
+    async with open_dev_server(listen=False, rng=FirstCandidate()) as dev:
+        opener = memory_opener(dev, nursery)
+        picky, picky_sup = make_control(opener, request_fnc=refuse)
+        willing, willing_sup = make_control(opener)
+        async with running(picky):
+            async with running(willing):
+                for n in range(3):
+                    await dev.create_room(f"room-{n}")
+                await willing_sup.wait_launched(3)
+                # each job went to the picky worker first, which said no
+                assert [job.attempts for job in dev.jobs.values()] == [2, 2, 2]
         assert picky_sup.launched == []
 
 
@@ -121,13 +136,13 @@ async def test_unanswered_or_raising_handler_rejects(
             raise RuntimeError("handler bug")
 
     odd, odd_sup = make_control(opener, request_fnc=handler)
-    good, good_sup = make_control(opener)
-    async with running(odd), running(good):
+    async with running(odd):  # alone, so the offer surely comes to it
         t0 = trio.current_time()
-        for n in range(3):
-            await dev.create_room(f"room-{n}")
-        await good_sup.wait_launched(3)
+        await dev.create_room("room")
+        job_id = await _only_job_id(dev)
+        await dev.wait_until(lambda: dev.jobs[job_id].done)
         assert trio.current_time() == t0  # the rejection is immediate, not a timeout
+        assert dev.jobs[job_id].attempts == 1 and dev.jobs[job_id].dropped  # no one else
     assert odd_sup.launched == []
     expected = "raised" if behaviour == "raises" else "without accepting or rejecting"
     assert any(expected in r.getMessage() for r in caplog.records)

@@ -293,6 +293,14 @@ class AgentServer:
         from ._health import serve_health
         from ._supervisor import ProcessSupervisor
 
+        logger.debug(
+            "starting the agent server", extra={
+                "devmode": devmode, "url": config.ws_url, "agent_name": config.agent_name,
+                "load_threshold": config.load_threshold,
+                "num_idle_processes": config.num_idle_processes,
+                "executor": config.options.job_executor_type.value,
+                "drain_timeout": config.options.drain_timeout,
+            })
         self._running = True
         self._config = config
         self._failure = None
@@ -338,8 +346,7 @@ class AgentServer:
         try:
             await control.run(task_status=ready)
         except TrioAgentsError as exc:
-            logger.error("%s", exc)
-            self._failure = exc
+            self._failure = exc  # raised by run(); the caller decides how to report it
             self._stop.set()
 
     def _report_job_status(self, job_id: str, status: int, error: str) -> None:

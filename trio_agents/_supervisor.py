@@ -28,6 +28,7 @@ statuses are still reported) and returns once every child has been reaped.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import signal
@@ -292,8 +293,10 @@ class ProcessSupervisor:
         finally:
             if handle in self._idle:
                 self._idle.remove(handle)
-                logger.warning("idle job process %d ended; replacing it", handle.pid,
-                               extra={"pid": handle.pid})
+                # an idle process stopped because the supervisor is being cancelled is no news
+                if trio.current_effective_deadline() != -math.inf:
+                    logger.warning("idle job process %d ended; replacing it", handle.pid,
+                                   extra={"pid": handle.pid})
             if handle.info is not None and self._jobs.get(handle.info.job.id) is handle:
                 del self._jobs[handle.info.job.id]
             self._notify()

@@ -47,7 +47,7 @@ async def entrypoint(ctx: JobContext) -> None:
     ctx.log_context_fields = {"scripted": action}
     log.info("started %s", action, extra={"userdata": ctx.proc.userdata.get("warmed_by"),
                                           "pid_seen": os.getpid()})
-    if action == "ok":
+    if action in ("ok", ""):  # no metadata: a plain job that just finishes
         return
     if action == "sleep":
         await trio.sleep(float(arg))

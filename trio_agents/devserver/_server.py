@@ -649,18 +649,20 @@ async def open_dev_server(
     Raises:
         ConfigError: the port is in use.
     """
+    listeners: list[trio.SocketListener] = []
+    if listen:  # bound before the nursery opens, so a busy port is a plain ConfigError
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            hint = ("stop the other server or pick another port with --port"
+                    if exc.errno == errno.EADDRINUSE else "check --host and --port")
+            raise ConfigError(f"the dev server cannot listen on {host}:{port}: "
+                              f"{exc.strerror or exc}; {hint}") from exc
     async with trio.open_nursery() as nursery:
         dev = DevServer(nursery, api_key=api_key, api_secret=api_secret,
                         availability_timeout=availability_timeout,
                         register_timeout=register_timeout, rng=rng)
-        if listen:
-            try:
-                listeners = await trio.open_tcp_listeners(port, host=host)
-            except OSError as exc:
-                hint = ("stop the other server or pick another port with --port"
-                        if exc.errno == errno.EADDRINUSE else "check --host and --port")
-                raise ConfigError(f"the dev server cannot listen on {host}:{port}: "
-                                  f"{exc.strerror or exc}; {hint}") from exc
+        if listeners:
             dev.host = host
             dev.port = listeners[0].socket.getsockname()[1]
             nursery.start_soon(trio.serve_listeners, dev.handle_stream, listeners)

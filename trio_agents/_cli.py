@@ -1,0 +1,310 @@
+"""The command line: ``python agent.py start|dev|connect|download-files`` (through
+``cli.run_app``) and the ``trio-agents`` console script (which also has ``devserver``).
+
+Exit codes: 0 the server stopped cleanly (drained, every job finished by itself); 1 it failed
+for good (configuration, credentials, LiveKit unreachable); 2 usage error; 3 it was stopped
+with jobs still running (a second, different signal, or the drain budget ran out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from ._errors import ConfigError, TrioAgentsError
+from ._options import ServerEnvOption, ServerOptions
+from ._server import AgentServer
+
+if TYPE_CHECKING:
+    from .devserver import DevServer
+
+logger = logging.getLogger("trio_agents")
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_FORCED: Final = 3
+
+DEMO_ROOM: Final = "demo-room"
+
+
+def _parser(prog: str, *, with_target: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Run a trio_agents agent server.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(cmd: argparse.ArgumentParser) -> None:
+        if with_target:
+            cmd.add_argument("target", help="path/to/agent.py[:attr] or package.module[:attr]")
+        cmd.add_argument("--url", help="LiveKit URL (default: $LIVEKIT_URL)")
+        cmd.add_argument("--api-key", help="LiveKit API key (default: $LIVEKIT_API_KEY)")
+        cmd.add_argument("--api-secret", help="LiveKit API secret (default: $LIVEKIT_API_SECRET)")
+        cmd.add_argument("--log-level", help="trace, debug, info, warn, error or critical")
+
+    start = commands.add_parser("start", help="production mode: JSON logs, drain on SIGTERM")
+    common(start)
+    start.add_argument("--drain-timeout", type=float,
+                       help="seconds to wait for running jobs on SIGTERM (default 1800)")
+    dev = commands.add_parser("dev", help="development mode: coloured logs, hot reload, "
+                              "embedded dev server when no LiveKit URL is set")
+    common(dev)
+    dev.add_argument("--no-reload", dest="reload", action="store_false",
+                     help="do not restart the server when the agent's files change")
+    connect = commands.add_parser("connect", help="dispatch this agent to one room and run it")
+    common(connect)
+    connect.add_argument("--room", required=True, help="the room to join")
+    dl = commands.add_parser("download-files", help="download the files registered plugins need")
+    if with_target:
+        dl.add_argument("target")
+        dev_server = commands.add_parser("devserver", help="run the local LiveKit dev server")
+        dev_server.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def run_app(server: AgentServer | ServerOptions, argv: Sequence[str] | None = None) -> None:
+    """Run ``server`` as the command line says (``python agent.py start``); exits the process."""
+    if isinstance(server, ServerOptions):
+        server = AgentServer.from_server_options(server)
+    args = _parser(Path(sys.argv[0]).name, with_target=False).parse_args(argv)
+    sys.exit(_dispatch(server, args, script=sys.argv[0]))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``trio-agents`` console script and ``python -m trio_agents``."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["devserver"]:
+        from .devserver.__main__ import main as devserver_main
+
+        devserver_main(arguments[1:])
+        return
+    args = _parser("trio-agents", with_target=True).parse_args(arguments)
+    try:
+        server = load_server(args.target)
+    except ConfigError as exc:
+        print(f"trio-agents: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    sys.exit(_dispatch(server, args, script=None))
+
+
+def load_server(target: str) -> AgentServer:
+    """Find the ``AgentServer`` named by ``path/to/file.py[:attr]`` or ``module[:attr]``.
+
+    A file is imported as a module named after its stem, with its folder on ``sys.path``, so
+    job processes can import it the same way and its ``__main__`` block does not run.
+    """
+    spec, _, attr = target.partition(":")
+    if spec.endswith(".py") or os.sep in spec:
+        path = Path(spec).resolve()
+        if not path.is_file():
+            raise ConfigError(f"no such file: {spec}")
+        sys.path.insert(0, str(path.parent))
+        spec = path.stem
+    try:
+        module = importlib.import_module(spec)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {spec!r}: {exc}") from exc
+    if attr:
+        found = getattr(module, attr, None)
+        if isinstance(found, ServerOptions):
+            found = AgentServer.from_server_options(found)
+        if not isinstance(found, AgentServer):
+            raise ConfigError(f"{spec}:{attr} is not an AgentServer or WorkerOptions")
+        return found
+    candidates = [value for name, value in vars(module).items()
+                  if isinstance(value, (AgentServer, ServerOptions)) and not name.startswith("_")]
+    preferred = [vars(module)[n] for n in ("server", "app", "agent", "opts")
+                 if isinstance(vars(module).get(n), (AgentServer, ServerOptions))]
+    choice = (preferred or candidates or [None])[0]
+    if choice is None:
+        raise ConfigError(f"{spec} defines no AgentServer; name one with {spec}:<attr>")
+    return choice if isinstance(choice, AgentServer) else AgentServer.from_server_options(choice)
+
+
+def _dispatch(server: AgentServer, args: argparse.Namespace, *, script: str | None) -> int:
+    from ._log import parse_log_level, setup_logging
+
+    if args.command == "download-files":
+        from ._plugin import Plugin
+
+        setup_logging(logging.INFO, json=False)
+        return Plugin.download_all()
+    devmode = args.command in ("dev", "connect")
+    try:
+        level = parse_log_level(_pick_log_level(args.log_level, server.options, devmode, os.environ))
+        changes: dict[str, Any] = {}
+        for flag, option in (("url", "ws_url"), ("api_key", "api_key"),
+                             ("api_secret", "api_secret")):
+            if getattr(args, flag, None):
+                changes[option] = getattr(args, flag)
+        if getattr(args, "drain_timeout", None) is not None:
+            changes["drain_timeout"] = args.drain_timeout
+        server.update_options(**changes)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(level, json=args.command == "start")
+    embedded = devmode and not (server.options.ws_url or os.environ.get("LIVEKIT_URL"))
+    if args.command == "dev" and args.reload and script is not None:
+        from ._reload import run_with_reload
+
+        return trio.run(run_with_reload, server, script, embedded)
+    try:
+        return trio.run(_serve, server, devmode, embedded, getattr(args, "room", None))
+    except TrioAgentsError as exc:
+        logger.critical("%s", exc)
+        return EXIT_FAILED
+
+
+def _pick_log_level(
+    flag: str | None, options: ServerOptions, devmode: bool, environ: Mapping[str, str]
+) -> str:
+    """Precedence: ``--log-level`` > an explicit ``log_level`` option > ``LIVEKIT_LOG_LEVEL`` >
+    the mode's default (debug in dev, info in production)."""
+    if flag:
+        return flag
+    option = options.log_level
+    if option != ServerOptions().log_level:
+        return option.getvalue(devmode) if isinstance(option, ServerEnvOption) else option
+    return environ.get("LIVEKIT_LOG_LEVEL") or ("debug" if devmode else "info")
+
+
+async def _serve(server: AgentServer, devmode: bool, embedded: bool, room: str | None) -> int:
+    """Run the server with signal handling (and the embedded dev server) until it stops.
+
+    The one place the CLI turns what went wrong into an exit code: ``TrioAgentsError`` from
+    any part is caught where it is raised (so it never reaches a nursery as a group) and
+    re-raised here for ``_dispatch`` to log as one line.
+    """
+    forced = False
+    failure: TrioAgentsError | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def watch_signals(*, task_status: trio.TaskStatus[None]) -> None:
+            nonlocal forced
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+                task_status.started()
+                first: int | None = None
+                async with trio.open_nursery() as inner:
+                    async for signum in received:
+                        name = signal.Signals(signum).name
+                        if first is None:
+                            first = signum
+                            other = "SIGINT" if signum == signal.SIGTERM else "SIGTERM"
+                            logger.info("%s received: draining; send %s to stop the running "
+                                        "jobs now", name, other)
+
+                            async def drain() -> None:
+                                nonlocal forced
+                                if not await server.drain():
+                                    forced = True
+
+                            inner.start_soon(drain)
+                        elif signum == first:
+                            logger.info("%s received again: already draining", name)
+                        else:
+                            logger.warning("%s received while draining: stopping the running "
+                                           "jobs now", name)
+                            forced = True
+                            inner.start_soon(server.aclose)
+
+        await nursery.start(watch_signals)
+        try:
+            if embedded:
+                await _serve_embedded(server, devmode, room)
+            else:
+                await _run_server(server, devmode,
+                                  (lambda: _dispatch_to_room(server, room)) if room else None)
+        except TrioAgentsError as exc:
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return EXIT_FORCED if forced else EXIT_OK
+
+
+async def _run_server(server: AgentServer, devmode: bool,
+                      after_registered: Callable[[], Awaitable[None]] | None = None) -> None:
+    """``server.run`` until it returns; ``after_registered()`` once it is registered."""
+    failure: TrioAgentsError | None = None
+    async with trio.open_nursery() as nursery:
+        ready = trio.Event()
+
+        async def run() -> None:
+            nonlocal failure
+            try:
+                await server.run(devmode=devmode, task_status=_SetOnStart(ready))
+            except TrioAgentsError as exc:
+                failure = exc
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(run)
+        await ready.wait()
+        if after_registered is not None:
+            try:
+                await after_registered()
+            except TrioAgentsError as exc:
+                failure = exc
+                nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+
+class _SetOnStart:
+    def __init__(self, event: trio.Event) -> None:
+        self.event = event
+
+    def started(self, value: object = None) -> None:
+        self.event.set()
+
+
+async def _dispatch_to_room(server: AgentServer, room: str) -> None:
+    from livekit.protocol import agent_dispatch
+
+    from .api import LiveKitAPI
+
+    options = server.options
+    async with LiveKitAPI(options.ws_url or os.environ.get("LIVEKIT_URL", ""),
+                          options.api_key or os.environ.get("LIVEKIT_API_KEY", ""),
+                          options.api_secret or os.environ.get("LIVEKIT_API_SECRET", "")) as api:
+        dispatch = await api.agent_dispatch.create_dispatch(
+            agent_dispatch.CreateAgentDispatchRequest(room=room, agent_name=_agent_name(server)))
+    logger.info("dispatched the agent to room %r (dispatch %s)", room, dispatch.id)
+
+
+def _agent_name(server: AgentServer) -> str:
+    return server.options.agent_name or os.environ.get("LIVEKIT_AGENT_NAME", "")
+
+
+async def dispatch_demo(dev: DevServer, agent_name: str, room: str = DEMO_ROOM) -> None:
+    """Give a newcomer's agent a job at once: a room (automatic dispatch) or a dispatch."""
+    if agent_name:
+        await dev.create_dispatch(room, agent_name)
+    else:
+        await dev.create_room(room)
+    logger.info("dispatched a demo job to room %r; save a file to reload, Ctrl-C to stop", room)
+
+
+async def _serve_embedded(server: AgentServer, devmode: bool, room: str | None) -> None:
+    """No LiveKit URL in dev: run the local dev server in this process tree and a demo job."""
+    from .devserver import open_dev_server
+
+    async with open_dev_server(host="127.0.0.1", port=0) as dev:
+        server.update_options(ws_url=dev.url, api_key=dev.api_key, api_secret=dev.api_secret)
+        log_embedded(dev)
+        await _run_server(server, devmode,
+                          lambda: dispatch_demo(dev, _agent_name(server), room or DEMO_ROOM))
+
+
+def log_embedded(dev: DevServer) -> None:
+    logger.info(
+        "no LIVEKIT_URL set: using the embedded dev server at %s (key %s). To use a real "
+        "LiveKit server or LiveKit Cloud, set LIVEKIT_URL, LIVEKIT_API_KEY and "
+        "LIVEKIT_API_SECRET (or --url/--api-key/--api-secret).", dev.url, dev.api_key)
