@@ -75,6 +75,8 @@ class WorkerInfo:
     api_secret: str = attrs.field(repr=False)
     status: int = agent.WS_AVAILABLE
     load: float = 0.0
+    registered_at: float = attrs.field(factory=time.monotonic)
+    """``time.monotonic()`` when the server answered the registration (system-wide on Linux)."""
     running_job_ids: set[str] = attrs.field(factory=set)
     migrated_job_ids: list[str] = attrs.field(factory=list)
     _socket: WebSocket | None = attrs.field(default=None, repr=False)
@@ -111,6 +113,11 @@ class JobInfo:
     dropped: str = ""
     """Why no worker got it ("" if one did)."""
     ended: bool = False
+    # ``time.monotonic()`` stamps of the dispatch timeline, for benchmarks (0 = not yet)
+    offered_at: float = 0.0
+    answered_at: float = 0.0
+    assigned_at: float = 0.0
+    ended_at: float = 0.0
 
     @property
     def status_name(self) -> str:
@@ -124,6 +131,7 @@ class JobInfo:
         self.job.state.updated_at = _now_ns()
         if status in (agent.JS_SUCCESS, agent.JS_FAILED):
             self.ended = True
+            self.ended_at = time.monotonic()
             self.job.state.ended_at = _now_ns()
 
 
@@ -392,9 +400,11 @@ class DevServer:
                                           started_at=now, updated_at=now))
         pending = worker._pending[job.id] = _Pending()
         try:
+            record.offered_at = time.monotonic()
             await worker.send(agent.ServerMessage(
                 availability=agent.AvailabilityRequest(job=job)))
             await pending.event.wait()
+            record.answered_at = time.monotonic()
             return pending.response
         except WebSocketClosed:
             return None
@@ -414,6 +424,7 @@ class DevServer:
         record.set_status(agent.JS_RUNNING)
         worker.running_job_ids.add(record.job.id)
         try:
+            record.assigned_at = time.monotonic()
             await worker.send(agent.ServerMessage(
                 assignment=agent.JobAssignment(job=record.job, token=record.token)))
         except WebSocketClosed:
