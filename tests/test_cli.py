@@ -184,3 +184,25 @@ async def test_devserver_command_reports_port_in_use() -> None:
         async with run_cli(["-m", "trio_agents", "devserver", "--port", str(port)]) as cli:
             assert await cli.wait() == 2
     assert any(f"127.0.0.1:{port}" in line and "another port" in line for line in cli.lines)
+
+
+async def test_health_is_503_until_registered() -> None:
+    import httpx
+
+    with socket.socket() as probe:  # a port nobody listens on: LiveKit is unreachable
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        health_port = probe.getsockname()[1]
+    env = {"LIVEKIT_URL": f"ws://127.0.0.1:{dead_port}", "LIVEKIT_API_KEY": "devkey",
+           "LIVEKIT_API_SECRET": "secret", "TEST_HEALTH_PORT": str(health_port)}
+    async with run_cli([AGENT, "start"], env=env) as cli:
+        await cli.wait_for("LiveKit connection failed")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{health_port}") as http:
+            ready = await http.get("/")
+            assert (ready.status_code, ready.text) == (503, "not registered")
+            assert (await http.get("/health/live")).status_code == 200
+            assert (await http.get("/worker")).json()["registered"] is False
+        cli.signal(signal.SIGTERM)
+        assert await cli.wait() == 0

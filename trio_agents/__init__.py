@@ -26,6 +26,7 @@ from ._options import ServerType as ServerType
 from ._options import WorkerOptions as WorkerOptions
 from ._options import WorkerPermissions as WorkerPermissions
 from ._options import WorkerType as WorkerType
+from ._plugin import Plugin as Plugin
 from ._server import AgentServer as AgentServer
 from ._server import Worker as Worker
 from ._version import __version__ as __version__
@@ -40,6 +41,7 @@ __all__ = [
     "JobExecutorType",
     "JobProcess",
     "JobRequest",
+    "Plugin",
     "RunningJobInfo",
     "ServerConnectionError",
     "ServerEnvOption",
