@@ -142,8 +142,7 @@ async def test_bad_secret_is_one_clear_line_and_exit_1(dev: DevServer) -> None:
     ("localhost:7880", "not a ws://, wss://, http:// or https:// URL"),
 ])
 async def test_bad_url_is_one_clear_line(dev: DevServer, url: str, message: str) -> None:
-    env = {**livekit_env(dev), "LIVEKIT_URL": url}
-    async with run_cli([AGENT, "start"], env=env) as cli:
+    async with run_cli([AGENT, "start", "--url", url], env=livekit_env(dev)) as cli:
         assert await cli.wait() == 1
     assert len([line for line in cli.lines if message in line]) == 1
 
@@ -206,3 +205,15 @@ async def test_health_is_503_until_registered() -> None:
             assert (await http.get("/worker")).json()["registered"] is False
         cli.signal(signal.SIGTERM)
         assert await cli.wait() == 0
+
+
+@pytest.mark.parametrize(("broken", "code"), [(False, 0), (True, 1)])
+async def test_download_files_runs_every_plugin(tmp_path: trio.Path, broken: bool,
+                                                code: int) -> None:
+    target = trio.Path(tmp_path) / "downloaded"
+    env = {"TEST_DOWNLOADED": str(target), **({"TEST_BROKEN_PLUGIN": "1"} if broken else {})}
+    async with run_cli(["tests/agents/plugin_agent.py", "download-files"], env=env) as cli:
+        assert await cli.wait() == code
+    assert await target.read_text() == "model weights"  # the others still ran
+    expected = "1 failed" if broken else "0 failed"
+    assert any(expected in line for line in cli.lines)
