@@ -32,7 +32,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, final
+from typing import Final, final
 
 import attrs
 import trio

@@ -440,6 +440,7 @@ class ControlPlane:
             jobs = len(self._supervisor.running_jobs)
             load = self.capacity.load
             self._reported_status = status
+            # send() calls the builder at once, inside this iteration
             session.send(lambda p: p.update_worker(status=status, load=load, job_count=jobs))
             with trio.move_on_after(self._options.status_interval):
                 await changed.wait()

@@ -440,9 +440,9 @@ async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
 
 def _require_async(fn: Callable[..., Any], what: str) -> None:
     target = getattr(fn, "func", fn)  # functools.partial
-    if not (inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
-        getattr(target, "__call__", None)
-    )):
+    # a plain async function, or an object whose class has an async __call__
+    if not (inspect.iscoroutinefunction(target)
+            or inspect.iscoroutinefunction(getattr(type(target), "__call__", None))):
         name = getattr(target, "__qualname__", repr(target))
         raise ConfigError(f"{what} {name} must be an async function (async def ...)")
 

@@ -209,7 +209,7 @@ def decode(payload: bytes) -> Message:
             reconnect=False,
         )
     kwargs: dict[str, object] = {}
-    for (name, hint), value in zip(fields, data[1:]):
+    for (name, hint), value in zip(fields, data[1:], strict=True):
         try:
             kwargs[name] = _from_json(value, hint)
         except (TypeError, ValueError) as exc:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
-from livekit.protocol import agent_dispatch, models, room
+from livekit.protocol import agent_dispatch, room
 
 from ._http import Request, Response
 
