@@ -160,6 +160,9 @@ class ServerOptions:
     memory_sample_interval: float = 5.0
     load_sample_interval: float = 0.5
     status_interval: float = 2.5
+    use_zygote: bool = True
+    """Fork job processes from a pre-imported template process (fast, memory shared);
+    ``False`` starts each job process as a fresh interpreter."""
 
 
 WorkerOptions = ServerOptions

@@ -48,7 +48,8 @@ from ._errors import ConfigError, JobProcessError
 from ._jobs import RunningJobInfo, StatusReport, job_fields
 from ._loading import FunctionRef
 from ._options import JobExecutorType, RunConfig
-from ._proc import JobProcessHandle, NotHandedOver, State
+from ._proc import JobProcessHandle, NotHandedOver, State, child_environment
+from ._zygote import Zygote
 
 logger = logging.getLogger("trio_agents.supervisor")
 
@@ -125,6 +126,12 @@ class ProcessSupervisor:
             shutdown_callback_timeout=opts.shutdown_process_timeout,
         )
         self._token = secrets.token_hex(8)
+        self._zygote: Zygote | None = None
+        if not self._threaded and config.options.use_zygote:
+            preload = [ref.module if not ref.path else f"file:{ref.path}"
+                       for ref in (self._init.entrypoint, self._init.setup,
+                                   self._init.session_end) if ref is not None]
+            self._zygote = Zygote(child_environment(f"{self._token}/zygote/"), preload)
         self._counter = 0
         self._idle: deque[JobProcessHandle] = deque()
         self._jobs: dict[str, JobProcessHandle] = {}
@@ -142,11 +149,21 @@ class ProcessSupervisor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Supervise until cancelled; then stop every job and return once all are reaped."""
         reaper = None if self._threaded else await self._start_reaper()
+        # The zygote is the parent of every forked job process and takes them with it when it
+        # dies, so it must outlive them: it runs shielded, and is stopped only once every job
+        # process went through its own shutdown.
+        zygote_scope = trio.CancelScope(shield=True)
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._keep_pool)
-                task_status.started()
+            async with trio.open_nursery() as outer:
+                if self._zygote is not None:  # first, so even the first processes are forks
+                    await outer.start(self._run_zygote, zygote_scope)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        nursery.start_soon(self._keep_pool)
+                        task_status.started()
+                finally:
+                    zygote_scope.cancel()
         finally:
             self._nursery = None
             if reaper is not None:
@@ -276,6 +293,14 @@ class ProcessSupervisor:
         self._last_failure = ""
         return started
 
+    async def _run_zygote(self, scope: trio.CancelScope, *,
+                          task_status: trio.TaskStatus[None]) -> None:
+        assert self._zygote is not None
+        with scope:
+            await self._zygote.run(task_status=task_status)
+        if not scope.cancel_called:
+            logger.warning("the zygote exited; starting job processes cold from now on")
+
     def _make_handle(self, marker: str) -> JobProcessHandle:
         functions = None
         if self._threaded:
@@ -284,7 +309,7 @@ class ProcessSupervisor:
             functions = Functions(entrypoint=opts.entrypoint_fnc, setup=opts.prewarm_fnc,
                                   session_end=opts.session_end_fnc)
         return JobProcessHandle(self._config, self._init, report=self._report, marker=marker,
-                                functions=functions)
+                                functions=functions, zygote=self._zygote)
 
     async def _supervise(self, handle: JobProcessHandle, *,
                          task_status: trio.TaskStatus[JobProcessHandle]) -> None:
