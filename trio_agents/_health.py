@@ -1,11 +1,20 @@
-"""The health endpoint, a tiny ASGI app served by hypercorn on trio.
+"""The health endpoint: a tiny ASGI app served by hypercorn on trio.
 
-* ``GET /`` and ``GET /health/ready``: readiness — 200 "OK" when registered with LiveKit and
-  taking jobs, else 503 with the reason (not registered, reconnecting, retries exhausted,
-  draining). A load balancer or orchestrator should route by this.
-* ``GET /health/live``: liveness — 200 while the process's event loop answers at all.
-* ``GET /worker``: JSON about the server. Every field is always present and typed (the peer
+Readiness and liveness are separate questions, so they have separate paths (the peer answers
+200 on ``/`` even while it is disconnected and retrying):
+
+* ``GET /`` and ``GET /health/ready`` — readiness: 200 "OK" when registered with LiveKit and
+  taking jobs, else 503 with a short reason ("not registered", "reconnecting to LiveKit",
+  "failed to connect to LiveKit after N attempts", "draining"). Route traffic and roll
+  deployments by this.
+* ``GET /health/live`` — liveness: 200 whenever the event loop answers at all. Restart the
+  process only when this fails; a server that is reconnecting is alive.
+* ``GET /worker`` — JSON about the server. Every field is always present and typed (the peer
   omits zero values and makes ``active_jobs`` a float).
+
+We bind the listening socket ourselves rather than give hypercorn a ``bind`` string: the port
+is then known exactly (``port=0`` asks for a random one), a busy port is a ``ConfigError`` raised
+before anything starts, and the socket is closed however we leave.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final, Protocol, final
@@ -28,30 +38,46 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+#: ``WorkerInfo.protocol_version`` of the peer's ``/worker``.
 PROTOCOL_VERSION: Final = 1
+#: How long in-flight health requests may finish after ``shutdown_trigger`` fires (hypercorn's
+#: default is 3 s; a probe is answered in microseconds, and a stop must not wait on idle
+#: keep-alive connections).
+GRACEFUL_TIMEOUT: Final = 0.2
+
+logger = logging.getLogger("trio_agents")
 
 
 @final
 @attrs.frozen(kw_only=True)
 class HealthInfo:
+    """A snapshot of the agent server for one health request."""
+
     ready: bool
+    """Registered with LiveKit and taking jobs: ``/`` answers 200."""
     reason: str
+    """Why not ready (the 503 body); empty when ready."""
     worker_id: str
+    """``AW_…`` once registered; empty before."""
     agent_name: str
     worker_type: str
+    """``"JT_ROOM"`` or ``"JT_PUBLISHER"``."""
     active_jobs: int
     load: float
+    """The load last reported to LiveKit, 0..1."""
     draining: bool
     registered: bool
 
 
 class HealthSource(Protocol):
+    """What the health endpoint asks, once per request (``AgentServer`` is one)."""
+
     def health(self) -> HealthInfo: ...
 
 
 @final
 class HealthApp:
-    """The ASGI application over a ``HealthSource``."""
+    """The ASGI application over a :class:`HealthSource`."""
 
     def __init__(self, source: HealthSource) -> None:
         self._source = source
@@ -67,52 +93,76 @@ class HealthApp:
                     return
         if scope["type"] != "http":
             return
-        status, content_type, body = self.respond(scope["method"], scope["path"])
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", content_type), (b"cache-control", b"no-store")]})
+        status, headers, body = self.respond(scope["method"], scope["path"])
+        await send({"type": "http.response.start", "status": status, "headers": [
+            *headers, (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store")]})
         await send({"type": "http.response.body", "body": body})
 
-    def respond(self, method: str, path: str) -> tuple[int, bytes, bytes]:
-        """(status, content type, body) for a request: pure, so tests need no server."""
-        text = b"text/plain; charset=utf-8"
+    def respond(self, method: str, path: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """(status, headers, body) for a request: pure, so it is tested without a server."""
+        text = [(b"content-type", b"text/plain; charset=utf-8")]
+        if path not in ("/", "/health/ready", "/health/live", "/worker"):
+            return 404, text, b"not found"
         if method not in ("GET", "HEAD"):
-            return 405, text, b"method not allowed"
+            return 405, [*text, (b"allow", b"GET, HEAD")], b"method not allowed"
         if path == "/health/live":
             return 200, text, b"OK"
         info = self._source.health()
-        if path in ("/", "/health/ready"):
-            return (200, text, b"OK") if info.ready else (503, text, info.reason.encode())
         if path == "/worker":
-            body = {
-                "worker_id": info.worker_id,
-                "agent_name": info.agent_name,
-                "worker_type": info.worker_type,
-                "active_jobs": info.active_jobs,
-                "worker_load": round(info.load, 4),
-                "draining": info.draining,
-                "registered": info.registered,
-                "ready": info.ready,
-                "sdk_version": __version__,
-                "protocol_version": PROTOCOL_VERSION,
-            }
-            return 200, b"application/json", json.dumps(body).encode()
-        return 404, text, b"not found"
+            return 200, [(b"content-type", b"application/json")], worker_json(info)
+        return (200, text, b"OK") if info.ready else (503, text, info.reason.encode())
 
 
-def _bind(address: str, port: int, backlog: int) -> socket.socket:
-    """Bind and listen ourselves, so the bound port is known and a failure leaks nothing."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def worker_json(info: HealthInfo) -> bytes:
+    """The ``/worker`` body: every field, always, with its JSON type (int, float, bool)."""
+    load = float(info.load)
+    return json.dumps({
+        "worker_id": info.worker_id,
+        "agent_name": info.agent_name,
+        "worker_type": info.worker_type,
+        "active_jobs": int(info.active_jobs),
+        "worker_load": round(load, 4) if math.isfinite(load) else 0.0,  # NaN is not JSON
+        "draining": bool(info.draining),
+        "registered": bool(info.registered),
+        "sdk_version": __version__,
+        "protocol_version": PROTOCOL_VERSION,
+    }).encode()
+
+
+async def _bind(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening socket on ``host:port``, or a ``ConfigError`` that says what to change.
+
+    ``host=""`` is every IPv4 interface, as the peer's default. A name is resolved with trio's
+    ``getaddrinfo`` (which does not block the loop); the bind itself is then numeric.
+    """
+    address = host.strip("[]") or "0.0.0.0"
+    shown = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((address, port))
+        infos = await trio.socket.getaddrinfo(address, port, type=socket.SOCK_STREAM,
+                                              flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve the health endpoint on {shown}: cannot resolve "
+                          f"{address!r} ({exc}); check the host= option") from exc
+    family, type_, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not SO_REUSEPORT
+        sock.bind(sockaddr)
         sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        hint = ("another process is listening there: stop it or choose another port "
-                "(port= option)" if exc.errno == errno.EADDRINUSE else "check host= and port=")
-        raise ConfigError(f"cannot serve the health endpoint on {address}:{port}: "
+        hints = {
+            errno.EADDRINUSE: "another process is listening there: stop it, or choose another "
+                              "port (the port= option; 0 picks a free one)",
+            errno.EADDRNOTAVAIL: "that is not an address of this machine; check the host= "
+                                 "option",
+            errno.EACCES: "ports below 1024 need privileges: choose another port (the port= "
+                          "option)",
+        }
+        hint = hints.get(exc.errno or 0, "check the host= and port= options")
+        raise ConfigError(f"cannot serve the health endpoint on {shown}: "
                           f"{exc.strerror or exc}; {hint}") from exc
     return sock
 
@@ -122,33 +172,51 @@ async def serve_health(
     *,
     host: str,
     port: int,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled; ``started(bound_port)`` once listening (``port=0``: random).
+    """Serve the health endpoint until cancelled, or until ``shutdown_trigger`` returns.
+
+    Cancellation stops it at once (open connections are dropped: a probe retries).
+    ``shutdown_trigger`` is hypercorn's graceful stop: requests in flight get
+    :data:`GRACEFUL_TIMEOUT` to finish, then ``serve_health`` returns.
+
+    Args:
+        source: asked for a :class:`HealthInfo` on every request.
+        host: address to listen on; ``""`` is every IPv4 interface.
+        port: TCP port; ``0`` picks a free one.
+        shutdown_trigger: an async function whose return asks for a graceful stop.
+        task_status: ``started(bound_port)`` once the endpoint answers requests.
 
     Raises:
-        ConfigError: the address is in use or cannot be bound.
+        ConfigError: the address is in use, not ours, privileged, or cannot be resolved.
     """
     from hypercorn.config import Config, Sockets
     from hypercorn.trio.run import worker_serve
     from hypercorn.utils import wrap_app
 
     config = Config()
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.graceful_timeout = 0.5
-    address = host or "0.0.0.0"
-    sock = _bind(address, port, config.backlog)
-    bound = sock.getsockname()[1]
-    sockets = Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
-    logging.getLogger("trio_agents").info("health endpoint on http://%s:%d", address, bound,
-                                          extra={"health_port": bound})
-    # worker_serve rather than serve: it takes the sockets we bound (and know the port of)
-    app = wrap_app(HealthApp(source), config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+    config.accesslog = None  # a probe every few seconds is not worth a log line
+    config.errorlog = logging.getLogger("hypercorn.error")  # through our handler, not stderr
+    config.graceful_timeout = GRACEFUL_TIMEOUT
+    config.include_server_header = False
+    sock = await _bind(host, port, config.backlog)
+    try:
+        bound: int = sock.getsockname()[1]
+        # hypercorn.trio.serve only takes bind strings; worker_serve (which serve calls after
+        # wrapping the app) also takes the sockets we bound, so we know the port exactly.
+        app = wrap_app(HealthApp(source), config.wsgi_max_body_size,  # type: ignore[arg-type]
+                       "asgi")
+        sockets = Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
 
-    async def _serve(*, task_status: trio.TaskStatus[list[str]]) -> None:
-        await worker_serve(app, config, sockets=sockets, task_status=task_status)
+        async def run_hypercorn(*, task_status: trio.TaskStatus[list[str]]) -> None:
+            await worker_serve(app, config, sockets=sockets, shutdown_trigger=shutdown_trigger,
+                               task_status=task_status)
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(_serve)
-        task_status.started(bound)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_hypercorn)
+            logger.info("health endpoint on http://%s:%d/", host or "0.0.0.0", bound,
+                        extra={"health_port": bound})
+            task_status.started(bound)
+    finally:
+        sock.close()  # hypercorn closes it when it served; not if cancelled while starting
