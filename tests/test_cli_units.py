@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 import pytest
 
 from trio_agents import AgentServer, ServerEnvOption, ServerOptions
-from trio_agents._cli import _pick_log_level, load_server
+from trio_agents._cli import explicit_log_level, load_server
+from trio_agents._log import TRACE, resolve_log_level
 from trio_agents._errors import ConfigError
+
+
+def level(flag: str | None, options: ServerOptions, devmode: bool, env: dict[str, str]) -> int:
+    return resolve_log_level(flag, explicit_log_level(options, devmode), env,
+                             default=logging.DEBUG if devmode else logging.INFO)
 
 
 def test_flag_beats_option_beats_environment() -> None:
     explicit = ServerOptions(log_level="error")
     env = {"LIVEKIT_LOG_LEVEL": "warn"}
-    assert _pick_log_level("trace", explicit, False, env) == "trace"
-    assert _pick_log_level(None, explicit, False, env) == "error"
-    assert _pick_log_level(None, ServerOptions(), False, env) == "warn"
-    assert _pick_log_level(None, ServerOptions(), False, {}) == "info"
-    assert _pick_log_level(None, ServerOptions(), True, {}) == "debug"
+    assert level("trace", explicit, False, env) == TRACE
+    assert level(None, explicit, False, env) == logging.ERROR
+    assert level(None, ServerOptions(), False, env) == logging.WARNING  # default hides nothing
+    assert level(None, ServerOptions(), False, {}) == logging.INFO
+    assert level(None, ServerOptions(), True, {}) == logging.DEBUG
     per_mode = ServerOptions(log_level=ServerEnvOption("trace", "critical"))
-    assert _pick_log_level(None, per_mode, True, env) == "trace"
-    assert _pick_log_level(None, per_mode, False, env) == "critical"
+    assert level(None, per_mode, True, env) == TRACE
+    assert level(None, per_mode, False, env) == logging.CRITICAL
 
 
 def test_load_server_from_file_prefers_server_name(tmp_path: Path) -> None:

@@ -129,7 +129,7 @@ def load_server(target: str) -> AgentServer:
 
 
 def _dispatch(server: AgentServer, args: argparse.Namespace, *, script: str | None) -> int:
-    from ._log import parse_log_level, setup_logging
+    from ._log import resolve_log_level, setup_logging
 
     if args.command == "download-files":
         from ._plugin import Plugin
@@ -138,7 +138,8 @@ def _dispatch(server: AgentServer, args: argparse.Namespace, *, script: str | No
         return Plugin.download_all()
     devmode = args.command in ("dev", "connect")
     try:
-        level = parse_log_level(_pick_log_level(args.log_level, server.options, devmode, os.environ))
+        level = resolve_log_level(args.log_level, explicit_log_level(server.options, devmode),
+                                  os.environ, default=logging.DEBUG if devmode else logging.INFO)
         changes: dict[str, Any] = {}
         for flag, option in (("url", "ws_url"), ("api_key", "api_key"),
                              ("api_secret", "api_secret")):
@@ -163,17 +164,13 @@ def _dispatch(server: AgentServer, args: argparse.Namespace, *, script: str | No
         return EXIT_FAILED
 
 
-def _pick_log_level(
-    flag: str | None, options: ServerOptions, devmode: bool, environ: Mapping[str, str]
-) -> str:
-    """Precedence: ``--log-level`` > an explicit ``log_level`` option > ``LIVEKIT_LOG_LEVEL`` >
-    the mode's default (debug in dev, info in production)."""
-    if flag:
-        return flag
+def explicit_log_level(options: ServerOptions, devmode: bool) -> str | None:
+    """The ``log_level`` option, if it was set (its dev/prod default must not hide
+    ``LIVEKIT_LOG_LEVEL``); precedence is ``_log.resolve_log_level``'s."""
     option = options.log_level
-    if option != ServerOptions().log_level:
-        return option.getvalue(devmode) if isinstance(option, ServerEnvOption) else option
-    return environ.get("LIVEKIT_LOG_LEVEL") or ("debug" if devmode else "info")
+    if option == ServerOptions().log_level:
+        return None
+    return option.getvalue(devmode) if isinstance(option, ServerEnvOption) else option
 
 
 async def _serve(server: AgentServer, devmode: bool, embedded: bool, room: str | None) -> int:

@@ -463,6 +463,7 @@ class ControlPlane:
     async def _sample_load_forever(self) -> None:
         from ._load import sanitize_load
 
+        last_problem: str | None = None
         while True:
             try:
                 raw = await self._load_sampler()
@@ -470,8 +471,9 @@ class ControlPlane:
                 logger.exception("load_fnc raised; keeping the last load %.2f", self.capacity.load)
             else:
                 value, problem = sanitize_load(raw)
-                if problem:
+                if problem and problem != last_problem:  # once per kind of problem, not per tick
                     logger.warning("load_fnc returned %r: %s; using %.2f", raw, problem, value)
+                last_problem = problem
                 self.capacity.load = value
                 self._status_may_have_changed()
             await trio.sleep(self._options.load_sample_interval)
