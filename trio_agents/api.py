@@ -15,27 +15,59 @@ Each call carries a fresh short-lived token with just the grants it needs. Used 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import TypeVar, final
+from typing import Final, TypeVar, final
 
 import httpx
 from google.protobuf.message import Message
 from livekit.protocol import agent_dispatch, models, room
 
 from ._auth import VideoGrants, create_token
-from ._errors import TrioAgentsError
+from ._errors import ConfigError, TrioAgentsError
 
 M = TypeVar("M", bound=Message)
-TOKEN_TTL = 600.0
+#: Lifetime of the token minted for each call (the server checks it once, on arrival).
+TOKEN_TTL: Final = 600.0
+
+#: HTTP status of each Twirp error code (twirp v8 ``ServerHTTPStatusFromErrorCode``).
+TWIRP_STATUS: Final[Mapping[str, int]] = {
+    "canceled": 408, "unknown": 500, "invalid_argument": 400, "malformed": 400,
+    "deadline_exceeded": 408, "not_found": 404, "bad_route": 404, "already_exists": 409,
+    "permission_denied": 403, "unauthenticated": 401, "resource_exhausted": 429,
+    "failed_precondition": 412, "aborted": 409, "out_of_range": 400, "unimplemented": 501,
+    "internal": 500, "unavailable": 503, "dataloss": 500,
+}
 
 
 class TwirpError(TrioAgentsError):
-    """The server answered with an error: ``code`` is Twirp's (``not_found``, …)."""
+    """A Twirp call failed: ``code`` is Twirp's (``not_found``, ``unauthenticated``, …),
+    ``msg`` the server's text and ``status`` the HTTP status.
 
-    def __init__(self, code: str, msg: str, status: int) -> None:
-        super().__init__(f"{code}: {msg} (HTTP {status})")
+    The server refusing a malformed or badly signed token answers in plain text, not Twirp
+    JSON; that becomes ``code="unauthenticated"`` with the text as ``msg``. When the server
+    cannot be reached at all, ``code`` is ``"unavailable"`` and ``status`` is 0.
+    The dev server raises the same class from its Python API.
+    """
+
+    def __init__(self, code: str, msg: str, status: int | None = None) -> None:
+        status = TWIRP_STATUS.get(code, 500) if status is None else status
+        super().__init__(f"{code}: {msg} (HTTP {status})" if status else f"{code}: {msg}")
         self.code, self.msg, self.status = code, msg, status
+
+
+def http_base(url: str) -> str:
+    """The HTTP base of a LiveKit URL: ``ws→http``, ``wss→https``, no trailing slash.
+
+    Raises:
+        ConfigError: the URL is empty or not ws(s)/http(s).
+    """
+    scheme, sep, rest = url.strip().partition("://")
+    mapped = {"ws": "http", "wss": "https", "http": "http", "https": "https"}.get(scheme.lower())
+    if not sep or mapped is None or not rest.strip("/"):
+        raise ConfigError(f"LiveKit URL {url!r} is not a ws://, wss://, http:// or https:// URL; "
+                          "set LIVEKIT_URL (or --url), e.g. ws://127.0.0.1:7880")
+    return f"{mapped}://{rest.rstrip('/')}"
 
 
 @final
@@ -43,11 +75,10 @@ class LiveKitAPI:
     """The entry point: ``.room`` (RoomService) and ``.agent_dispatch`` (AgentDispatchService)."""
 
     def __init__(self, url: str, api_key: str, api_secret: str, *, timeout: float = 10.0) -> None:
-        base = url.rstrip("/")
-        for ws, http in (("ws://", "http://"), ("wss://", "https://")):
-            if base.startswith(ws):
-                base = http + base[len(ws):]
-        self._base = base
+        self._base = http_base(url)
+        if not api_key or not api_secret:
+            raise ConfigError("the LiveKit API needs an API key and secret; set "
+                              "LIVEKIT_API_KEY and LIVEKIT_API_SECRET (or --api-key/--api-secret)")
         self._key = api_key
         self._secret = api_secret
         self._timeout = timeout
@@ -79,13 +110,22 @@ class LiveKitAPI:
                    grants: VideoGrants) -> M:
         """POST one Twirp call with a protobuf body; raise ``TwirpError`` on an error answer."""
         token = create_token(self._key, self._secret, video=grants, ttl=TOKEN_TTL)
-        async with self._session() as client:
-            answer = await client.post(
-                f"{self._base}/twirp/livekit.{service}/{method}",
-                content=request.SerializeToString(),
-                headers={"Authorization": f"Bearer {token}",
-                         "Content-Type": "application/protobuf"},
-            )
+        url = f"{self._base}/twirp/livekit.{service}/{method}"
+        try:
+            async with self._session() as client:
+                answer = await client.post(
+                    url,
+                    content=request.SerializeToString(),
+                    headers={"Authorization": f"Bearer {token}",
+                             "Content-Type": "application/protobuf"},
+                )
+        except httpx.TimeoutException as exc:
+            raise TwirpError("deadline_exceeded", f"no answer from {url} within "
+                             f"{self._timeout} s", 0) from exc
+        except httpx.HTTPError as exc:  # refused, DNS, TLS, connection dropped, bad URL
+            raise TwirpError("unavailable", f"cannot reach the LiveKit server at {url}: "
+                             f"{exc or type(exc).__name__}; check the URL (LIVEKIT_URL)",
+                             0) from exc
         if answer.status_code != 200:
             try:
                 body = json.loads(answer.content)
@@ -161,4 +201,5 @@ class AgentDispatchService:
                                     VideoGrants(room_admin=True, room=request.room))
 
 
-__all__ = ["AgentDispatchService", "LiveKitAPI", "RoomService", "TwirpError"]
+__all__ = ["TWIRP_STATUS", "AgentDispatchService", "LiveKitAPI", "RoomService", "TwirpError",
+           "http_base"]

@@ -16,6 +16,10 @@ from .._auth import VideoGrants, create_token
 #: ``agents.target_load``: a node only claims a job while some worker is below it.
 TARGET_LOAD: Final = 0.7
 JOB_TOKEN_TTL: Final = 3600.0
+#: ``limit.*`` defaults of livekit-server.
+MAX_NAME_BYTES: Final = 256
+MAX_METADATA_BYTES: Final = 512 * 1024
+MAX_ATTRIBUTES_BYTES: Final = 64 * 1024
 AGENT_NAME_KEY: Final = "lk.agent.name"
 _ALPHABET: Final = string.ascii_letters + string.digits
 
@@ -60,16 +64,20 @@ def select_worker(
     return rng.choices(pool, weights=weights)[0].worker_id, ""
 
 
-def validate_registration(request: agent.RegisterWorkerRequest) -> str | None:
-    """Why the server would close the socket on this registration, or ``None``."""
-    if request.type not in (agent.JT_ROOM, agent.JT_PUBLISHER, agent.JT_PARTICIPANT):
-        return f"unknown job type {request.type}"
-    deployment = request.deployment
+def validate_deployment(deployment: str) -> str | None:
+    """``agent.ValidateDeployment``: why this deployment name is refused, or ``None``."""
     if len(deployment.encode()) > 64:
         return "deployment longer than 64 bytes"
     if "_" in deployment or any(ch <= " " or ch == "\x7f" for ch in deployment):
         return "deployment contains '_', whitespace or control characters"
     return None
+
+
+def validate_registration(request: agent.RegisterWorkerRequest) -> str | None:
+    """Why the server would close the socket on this registration, or ``None``."""
+    if request.type not in (agent.JT_ROOM, agent.JT_PUBLISHER, agent.JT_PARTICIPANT):
+        return f"unknown job type {request.type}"
+    return validate_deployment(request.deployment)
 
 
 def default_permissions() -> models.ParticipantPermission:

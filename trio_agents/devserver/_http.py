@@ -4,14 +4,15 @@ a request upgrades).
 It runs over TCP for ``python -m trio_agents devserver`` and over in-memory streams in tests,
 which is why it is ours and not a framework's. It mirrors what livekit-server's front does
 where clients can see it: plain-text error bodies before an upgrade, a 10 MiB request body
-limit, websocket pings every 10 s, and a server-side close that just drops the TCP stream with
-no close frame.
+limit (413), websocket control pings every 10 s (a ping that cannot be written within 2 s
+ends the connection), a 2 MiB message limit, and a server-side close that just drops the TCP
+stream with no close frame (the client sees 1006).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, final
 from urllib.parse import parse_qs, urlsplit
 
@@ -20,23 +21,35 @@ import h11
 import trio
 import wsproto
 import wsproto.events as ws_events
+import wsproto.utilities
 from wsproto.connection import ConnectionState
 
 logger = logging.getLogger("trio_agents.devserver")
 
+#: ``limit.max_api_request_body_size``.
 MAX_BODY: Final = 10 << 20
+#: ``limit.agent_signal_message_size_limit``.
 MAX_MESSAGE: Final = 2 << 20
+#: gorilla's ``pingFrequency`` / ``pingTimeout`` in livekit-server's ``WSSignalConnection``.
 PING_INTERVAL: Final = 10.0
+PING_WRITE_TIMEOUT: Final = 2.0
 RECEIVE_SIZE: Final = 65536
+MAX_HEAD: Final = 64 * 1024
 
 
 @final
 @attrs.frozen(kw_only=True)
 class Request:
+    """One parsed HTTP request (the whole body read)."""
+
     method: str
+    target: str
+    """The raw request target: path and query string."""
     path: str
     query: dict[str, list[str]]
     headers: dict[str, str]
+    """Lower-case names; a repeated header keeps its last value."""
+    raw_headers: Sequence[tuple[bytes, bytes]] = ()
     body: bytes = b""
 
     def header(self, name: str) -> str:
@@ -48,8 +61,10 @@ class Request:
 
     @property
     def wants_websocket(self) -> bool:
-        return (self.method == "GET" and "upgrade" in self.header("connection").lower()
-                and self.header("upgrade").lower() == "websocket")
+        """gorilla's ``IsWebSocketUpgrade``: tokens ``upgrade`` and ``websocket``."""
+        connection = {t.strip().lower() for t in self.header("connection").split(",")}
+        upgrade = {t.strip().lower() for t in self.header("upgrade").split(",")}
+        return self.method == "GET" and "upgrade" in connection and "websocket" in upgrade
 
 
 @final
@@ -66,7 +81,11 @@ class WebSocketClosed(Exception):
 
 @final
 class WebSocket:
-    """The server side of one websocket. ``send`` may be called from any task."""
+    """The server side of one accepted websocket.
+
+    ``receive`` yields whole messages (``bytes`` for binary frames, ``str`` for text);
+    ``send`` may be called from any task. ``abort`` is the only way the server closes.
+    """
 
     def __init__(self, stream: trio.abc.Stream, ws: wsproto.WSConnection) -> None:
         self._stream = stream
@@ -94,16 +113,17 @@ class WebSocket:
             await self._stream.aclose()
 
     async def _write(self, event: ws_events.Event) -> None:
-        if self._closed:
-            raise WebSocketClosed("websocket closed")
-        try:
-            data = self._ws.send(event)
-            async with self._send_lock:
-                await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError,
-                wsproto.utilities.LocalProtocolError) as exc:
-            self._closed = True
-            raise WebSocketClosed(str(exc)) from exc
+        # Frames are produced and written under one lock, so concurrent senders can never
+        # put them on the wire in another order than wsproto produced them.
+        async with self._send_lock:
+            if self._closed:
+                raise WebSocketClosed("websocket closed")
+            try:
+                await self._stream.send_all(self._ws.send(event))
+            except (trio.BrokenResourceError, trio.ClosedResourceError,
+                    wsproto.utilities.LocalProtocolError) as exc:
+                self._closed = True
+                raise WebSocketClosed(str(exc) or type(exc).__name__) from exc
 
     async def run(self, initial: bytes) -> None:
         """Read frames until the connection ends; answer pings; ping every 10 s."""
@@ -118,9 +138,14 @@ class WebSocket:
     async def _ping_forever(self) -> None:
         while True:
             await trio.sleep(PING_INTERVAL)
-            try:
-                await self._write(ws_events.Ping(payload=b"lk"))
-            except WebSocketClosed:
+            with trio.move_on_after(PING_WRITE_TIMEOUT) as write:
+                try:
+                    await self._write(ws_events.Ping(payload=b""))
+                except WebSocketClosed:
+                    return
+            if write.cancelled_caught:
+                logger.info("websocket ping not written within %s s: closing", PING_WRITE_TIMEOUT)
+                await self.abort()
                 return
 
     async def _read(self, data: bytes) -> None:
@@ -134,7 +159,7 @@ class WebSocket:
                     await self._write(event.response())
                 elif isinstance(event, ws_events.CloseConnection):
                     if self._ws.state is ConnectionState.REMOTE_CLOSING:
-                        try:
+                        try:  # gorilla's default close handler echoes the close frame
                             await self._write(event.response())
                         except WebSocketClosed:
                             pass
@@ -148,12 +173,8 @@ class WebSocket:
                         logger.info("websocket message over %d bytes: closing", MAX_MESSAGE)
                         return
                     if event.message_finished:
-                        message: bytes | str = (b"".join(p for p in parts if isinstance(p, bytes))
-                                                if isinstance(parts[0], bytes)
-                                                else "".join(p for p in parts
-                                                             if isinstance(p, str)))
+                        await self._messages_send.send(_join(parts))
                         parts, size = [], 0
-                        await self._messages_send.send(message)
             if self._closed:
                 return
             try:
@@ -165,17 +186,25 @@ class WebSocket:
                 return
 
 
-#: Serves a plain request.
-HttpHandler = Callable[[Request], Awaitable[Response]]
-#: Decides on an upgrade: a ``Response`` refuses it, else the returned coroutine function
-#: runs with the accepted websocket.
-UpgradeHandler = Callable[[Request], Awaitable["Response | Callable[[WebSocket], Awaitable[None]]"]]
+def _join(parts: list[bytes | str]) -> bytes | str:
+    if isinstance(parts[0], bytes):
+        return b"".join(p for p in parts if isinstance(p, bytes))
+    return "".join(p for p in parts if isinstance(p, str))
 
 
-async def serve_http(stream: trio.abc.Stream, *, http: HttpHandler,
-                     upgrade: UpgradeHandler) -> None:
-    """Serve one connection: requests (keep-alive) until it closes or upgrades."""
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+#: Runs with an accepted websocket; when it returns, the connection is dropped (no close frame).
+SessionHandler = Callable[[WebSocket], Awaitable[None]]
+#: Answers a request: a ``Response``, or (for an upgrade request) the session to run.
+Handler = Callable[[Request], Awaitable["Response | SessionHandler"]]
+
+
+async def serve_http(stream: trio.abc.Stream, handler: Handler) -> None:
+    """Serve one connection: requests (keep-alive) until it closes or upgrades.
+
+    Malformed requests get a plain-text 4xx and the connection is closed; they never raise.
+    The stream is closed on return.
+    """
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     try:
         while True:
             request = await _read_request(stream, conn)
@@ -184,73 +213,81 @@ async def serve_http(stream: trio.abc.Stream, *, http: HttpHandler,
             if isinstance(request, Response):
                 await _respond(stream, conn, request, close=True)
                 return
-            if request.wants_websocket:
-                decision = await upgrade(request)
-                if isinstance(decision, Response):
-                    await _respond(stream, conn, decision, close=True)
+            result = await handler(request)
+            if isinstance(result, Response):
+                await _respond(stream, conn, result, close=request.wants_websocket)
+                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     return
-                ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
-                ws.initiate_upgrade_connection(
-                    [(k.encode(), v.encode()) for k, v in request.headers.items()],
-                    request.path + ("?" + _query_string(request) if request.query else ""),
-                )
-                for event in ws.events():
-                    if isinstance(event, ws_events.Request):
-                        await stream.send_all(ws.send(ws_events.AcceptConnection()))
-                socket = WebSocket(stream, ws)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(socket.run, conn.trailing_data[0])
-                    try:
-                        await decision(socket)
-                    finally:
-                        nursery.cancel_scope.cancel()
+                conn.start_next_cycle()
+                continue
+            if not request.wants_websocket:
+                raise AssertionError("a session handler for a request that is not an upgrade")
+            ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+            try:
+                ws.initiate_upgrade_connection(list(request.raw_headers), request.target)
+            except wsproto.utilities.RemoteProtocolError as exc:
+                await _respond(stream, conn, Response(400, f"websocket: {exc}".encode()),
+                               close=True)
                 return
-            response = await http(request)
-            await _respond(stream, conn, response, close=False)
-            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                return
-            conn.start_next_cycle()
-    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            await stream.send_all(ws.send(ws_events.AcceptConnection()))
+            await _run_session(stream, ws, conn.trailing_data[0], result)
+            return
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
         return
     finally:
         with trio.CancelScope(shield=True):
             await stream.aclose()
 
 
-def _query_string(request: Request) -> str:
-    from urllib.parse import urlencode
-
-    return urlencode([(k, v) for k, values in request.query.items() for v in values])
+async def _run_session(stream: trio.abc.Stream, ws: wsproto.WSConnection, initial: bytes,
+                       session: SessionHandler) -> None:
+    socket = WebSocket(stream, ws)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(socket.run, initial)
+        try:
+            await session(socket)
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> Request | Response | None:
+    """The next request, a ``Response`` refusing it (400, 413), or ``None`` at EOF."""
     head: h11.Request | None = None
     body = bytearray()
     while True:
-        event = conn.next_event()
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            return Response(exc.error_status_hint, f"bad request: {exc}".encode())
         if event is h11.NEED_DATA:
+            if conn.they_are_waiting_for_100_continue:
+                await stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+                                      or b"")
             conn.receive_data(bytes(await stream.receive_some(RECEIVE_SIZE)))
-            continue
-        if isinstance(event, h11.ConnectionClosed):
+        elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
             return None
-        if isinstance(event, h11.Request):
+        elif isinstance(event, h11.Request):
             head = event
+            length = dict(event.headers).get(b"content-length", b"0")
+            if length.isdigit() and int(length) > MAX_BODY:
+                return Response(413, b"http: request body too large")
         elif isinstance(event, h11.Data):
             body += event.data
             if len(body) > MAX_BODY:
-                return Response(413, b"request entity too large")
+                return Response(413, b"http: request body too large")
         elif isinstance(event, h11.EndOfMessage):
             assert head is not None
-            target = urlsplit(head.target.decode("latin-1"))
+            target = head.target.decode("latin-1")
+            parts = urlsplit(target)
             return Request(
-                method=head.method.decode(),
-                path=target.path,
-                query=parse_qs(target.query, keep_blank_values=True),
-                headers={k.decode().lower(): v.decode("latin-1") for k, v in head.headers},
+                method=head.method.decode("latin-1"),
+                target=target,
+                path=parts.path,
+                query=parse_qs(parts.query, keep_blank_values=True),
+                headers={k.decode("latin-1"): v.decode("latin-1") for k, v in head.headers},
+                raw_headers=tuple((bytes(k), bytes(v)) for k, v in head.headers),
                 body=bytes(body),
             )
-        elif event is h11.PAUSED:
-            return None
 
 
 async def _respond(stream: trio.abc.Stream, conn: h11.Connection, response: Response, *,
@@ -260,9 +297,9 @@ async def _respond(stream: trio.abc.Stream, conn: h11.Connection, response: Resp
     if close:
         headers.append(("connection", "close"))
     try:
-        data = conn.send(h11.Response(status_code=response.status, headers=headers))
-        data = (data or b"") + (conn.send(h11.Data(data=response.body)) or b"")
+        data = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
+        data += conn.send(h11.Data(data=response.body)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
-    except h11.LocalProtocolError:
+    except h11.LocalProtocolError:  # the connection is past the point of answering
         return
     await stream.send_all(data)

@@ -4,27 +4,29 @@ for everything an agent server can observe (PROTOCOL.md; its §9.4 is the checkl
 Theory of operation
 -------------------
 ``open_dev_server`` owns one nursery: the TCP listener (unless ``listen=False``), one task per
-connection (``handle_stream``), and one task per job being dispatched. Workers and jobs are
-plain records in dicts; every change calls ``_changed()``, which wakes ``wait_until`` — tests
-and tools wait for a state, they never poll.
+connection (``handle_stream``), and one task per job being dispatched. Workers, jobs and
+rooms are plain records in dicts (``_records.py``); every change calls ``_changed()``, which
+wakes ``wait_until`` — tests and tools wait for a state, they never poll.
 
 A job is offered to one worker at a time (``AvailabilityRequest``); the whole exchange,
 retries on ``available=false`` included, must end within ``availability_timeout`` (3 s, the
 psrpc deadline of the real server). A late answer finds no pending offer and is ignored.
+The decisions themselves (who gets an offer, what the job token holds, which registrations
+are refused) are pure functions in ``_dispatch.py``.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import random
 import time
 import types
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import Final, final
+from typing import Final, NoReturn, final
 
-import attrs
 import trio
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
@@ -32,143 +34,57 @@ from livekit.protocol import agent, agent_dispatch, models
 
 from .._auth import Claims, TokenError, verify_token
 from .._errors import ConfigError
-from ._dispatch import Candidate, default_permissions, job_token, new_id, select_worker, \
-    validate_registration
-from ._http import Request, Response, WebSocket, WebSocketClosed, serve_http
+from ..api import TwirpError
+from ._dispatch import (
+    MAX_ATTRIBUTES_BYTES,
+    MAX_METADATA_BYTES,
+    MAX_NAME_BYTES,
+    Candidate,
+    default_permissions,
+    job_token,
+    new_id,
+    select_worker,
+    validate_deployment,
+    validate_registration,
+)
+from ._http import Request, Response, SessionHandler, WebSocket, WebSocketClosed, serve_http
+from ._records import JobInfo, Pending, RoomInfo, WorkerInfo, now_ns
 
 logger = logging.getLogger("trio_agents.devserver")
 
 SERVER_VERSION: Final = "1.13.5"
 SIGNAL_PROTOCOL: Final = 17
+AGENT_PROTOCOL: Final = 1
+#: ``RegisterTimeout`` of livekit-server.
 REGISTER_TIMEOUT: Final = 10.0
+#: ``AssignJobTimeout``: what a simulated job has (it runs outside the 3 s RPC window).
 SIMULATE_TIMEOUT: Final = 10.0
+#: The psrpc deadline of ``JobRequest``, retries included (PROTOCOL.md §3.4).
+AVAILABILITY_TIMEOUT: Final = 3.0
 DEPENDENT_KINDS: Final = (models.ParticipantInfo.AGENT, models.ParticipantInfo.EGRESS)
-
-
-def _now_ns() -> int:
-    return time.time_ns()
+AGENT_LEFT_ROOM: Final = "agent worker left the room"
+NOT_FOUND: Final = b"404 page not found\n"
 
 
 class _Closed(Exception):
-    """The worker's socket must be (or was) closed."""
-
-
-@attrs.define(eq=False)
-class _Pending:
-    event: trio.Event = attrs.field(factory=trio.Event)
-    response: agent.AvailabilityResponse | None = None
-
-
-@final
-@attrs.define(eq=False)
-class WorkerInfo:
-    """A registered worker, as the server sees it."""
-
-    id: str
-    agent_name: str
-    namespace: str
-    job_type: int
-    deployment: str
-    version: str
-    permissions: models.ParticipantPermission
-    api_key: str = attrs.field(repr=False)
-    api_secret: str = attrs.field(repr=False)
-    status: int = agent.WS_AVAILABLE
-    load: float = 0.0
-    registered_at: float = attrs.field(factory=time.monotonic)
-    """``time.monotonic()`` when the server answered the registration (system-wide on Linux)."""
-    running_job_ids: set[str] = attrs.field(factory=set)
-    migrated_job_ids: list[str] = attrs.field(factory=list)
-    _socket: WebSocket | None = attrs.field(default=None, repr=False)
-    _json: bool = attrs.field(default=False, repr=False)
-    _pending: dict[str, _Pending] = attrs.field(factory=dict, repr=False)
-
-    def matches(self, job: agent.Job) -> bool:
-        return (self.agent_name, self.namespace, self.job_type, self.deployment) == (
-            job.agent_name, job.namespace, job.type, job.deployment)
-
-    async def send(self, message: agent.ServerMessage) -> None:
-        if self._socket is None:
-            raise WebSocketClosed("worker is gone")
-        await self._socket.send(json_format.MessageToJson(message) if self._json
-                                else message.SerializeToString())
-
-
-@final
-@attrs.define(eq=False)
-class JobInfo:
-    """A job the server created, and what became of it."""
-
-    job: agent.Job
-    room: str
-    worker_id: str = ""
-    status: int = agent.JS_PENDING
-    error: str = ""
-    history: list[int] = attrs.field(factory=list)
-    token: str = attrs.field(default="", repr=False)
-    response: agent.AvailabilityResponse | None = None
-    attempts: int = 0
-    done: bool = False
-    """The dispatch is over: assigned, ended by ``terminate``, or dropped."""
-    dropped: str = ""
-    """Why no worker got it ("" if one did)."""
-    ended: bool = False
-    # ``time.monotonic()`` stamps of the dispatch timeline, for benchmarks (0 = not yet)
-    offered_at: float = 0.0
-    answered_at: float = 0.0
-    assigned_at: float = 0.0
-    ended_at: float = 0.0
-
-    @property
-    def status_name(self) -> str:
-        return agent.JobStatus.Name(self.status)
-
-    def set_status(self, status: int, error: str = "") -> None:
-        self.status, self.error = status, error
-        self.history.append(status)
-        self.job.state.status = status  # type: ignore[assignment]
-        self.job.state.error = error
-        self.job.state.updated_at = _now_ns()
-        if status in (agent.JS_SUCCESS, agent.JS_FAILED):
-            self.ended = True
-            self.ended_at = time.monotonic()
-            self.job.state.ended_at = _now_ns()
-
-
-@final
-@attrs.define(eq=False)
-class RoomInfo:
-    room: models.Room
-    dispatches: dict[str, agent_dispatch.AgentDispatch] = attrs.field(factory=dict)
-    participants: dict[str, models.ParticipantInfo] = attrs.field(factory=dict)
-    publishers: set[str] = attrs.field(factory=set)
-    job_ids: list[str] = attrs.field(factory=list)
-
-
-class TwirpError(Exception):
-    STATUS: Final = {"invalid_argument": 400, "malformed": 400, "unauthenticated": 401,
-                     "permission_denied": 403, "not_found": 404, "bad_route": 404,
-                     "already_exists": 409, "internal": 500, "unimplemented": 501}
-
-    def __init__(self, code: str, msg: str) -> None:
-        super().__init__(msg)
-        self.code, self.msg = code, msg
-
-    def response(self) -> Response:
-        import json
-
-        return Response(self.STATUS.get(self.code, 500),
-                        json.dumps({"code": self.code, "msg": self.msg}).encode(),
-                        "application/json")
+    """The worker's socket must be closed (the reason is the message)."""
 
 
 @final
 class DevServer:
-    """A local LiveKit server for agents. Build it with ``open_dev_server``."""
+    """A local LiveKit server for agents. Build it with ``open_dev_server``.
+
+    Python API (tests, the CLI demo): ``create_room``, ``delete_room``, ``create_dispatch``,
+    ``delete_dispatch``, ``add_participant``, ``publish_track``, ``remove_participant``,
+    ``drop_worker``; read-only views ``workers``, ``jobs``, ``rooms``; ``wait_until``.
+    Errors a client would get from Twirp are raised as ``trio_agents.api.TwirpError``.
+    """
 
     def __init__(self, nursery: trio.Nursery, *, api_key: str, api_secret: str,
-                 availability_timeout: float, register_timeout: float,
-                 rng: random.Random | None) -> None:
+                 availability_timeout: float = AVAILABILITY_TIMEOUT,
+                 register_timeout: float = REGISTER_TIMEOUT,
+                 rng: random.Random | None = None) -> None:
+        _check_options(api_key, api_secret, availability_timeout, register_timeout)
         self._nursery = nursery
         self.api_key = api_key
         self.api_secret = api_secret
@@ -187,22 +103,30 @@ class DevServer:
 
     @property
     def url(self) -> str:
-        return f"ws://{self.host}:{self.port}"
+        """``ws://host:port`` — what ``LIVEKIT_URL`` should be (only meaningful when listening)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}"
 
     @property
     def workers(self) -> Mapping[str, WorkerInfo]:
+        """Registered workers by id (a read-only view of live records)."""
         return types.MappingProxyType(self._workers)
 
     @property
     def jobs(self) -> Mapping[str, JobInfo]:
+        """Every job the server created, by id (a read-only view of live records)."""
         return types.MappingProxyType(self._jobs)
 
     @property
     def rooms(self) -> Mapping[str, RoomInfo]:
+        """Live rooms by name (a read-only view of live records)."""
         return types.MappingProxyType(self._rooms)
 
     async def wait_until(self, predicate: Callable[[], object]) -> None:
-        """Return once ``predicate()`` is true; it is re-checked on every state change."""
+        """Return once ``predicate()`` is true; it is re-checked after every state change.
+
+        Bound it with ``trio.fail_after`` if it may never happen.
+        """
         while not predicate():
             await self._change.wait()
 
@@ -212,22 +136,31 @@ class DevServer:
 
     # -- rooms and dispatches (also reached through Twirp) --------------------------------
 
-    async def create_room(self, name: str, *, agents: list[agent_dispatch.RoomAgentDispatch]
-                          | None = None, metadata: str = "", empty_timeout: int = 300,
+    async def create_room(self, name: str, *,
+                          agents: Iterable[agent_dispatch.RoomAgentDispatch] | None = None,
+                          metadata: str = "", empty_timeout: int = 300,
                           departure_timeout: int = 20, max_participants: int = 0) -> models.Room:
-        """Create a room (and request its JT_ROOM jobs); an existing room is returned as is."""
+        """Create a room and request its JT_ROOM jobs at once; an existing room is returned
+        unchanged (its agents and metadata are not touched), as livekit-server does.
+
+        With no ``agents`` the room gets the default dispatch (agent name "": automatic
+        dispatch); with some, only those.
+        """
         existing = self._rooms.get(name)
         if existing is not None:
             return existing.room
-        if not name or len(name.encode()) > 256:
-            raise TwirpError("invalid_argument", "room name must be 1 to 256 bytes")
+        _check_size("room name", name, MAX_NAME_BYTES, allow_empty=False)
+        _check_size("metadata", metadata, MAX_METADATA_BYTES)
+        specs = list(agents or ())
+        for spec in specs:
+            _check_dispatch(spec.deployment, spec.metadata, spec.attributes)
         now = time.time()
         room = RoomInfo(models.Room(
             sid=new_id("RM_"), name=name, metadata=metadata, empty_timeout=empty_timeout,
             departure_timeout=departure_timeout, max_participants=max_participants,
             creation_time=int(now), creation_time_ms=int(now * 1000)))
         self._rooms[name] = room
-        for spec in agents or [agent_dispatch.RoomAgentDispatch()]:  # none: automatic dispatch
+        for spec in specs or [agent_dispatch.RoomAgentDispatch()]:
             self._add_dispatch(room, spec.agent_name, spec.metadata, dict(spec.attributes),
                                spec.deployment)
         logger.info("room %s created", name)
@@ -235,11 +168,13 @@ class DevServer:
         return room.room
 
     async def delete_room(self, name: str) -> None:
+        """Close the room now: each running job of it gets ``JobTermination`` and ends
+        ``JS_FAILED`` ("agent worker left the room", as its agent is removed)."""
         room = self._rooms.pop(name, None)
         if room is None:
             raise TwirpError("not_found", "requested room does not exist")
         for job_id in room.job_ids:
-            await self._terminate(job_id, agent.JS_FAILED, "agent worker left the room")
+            await self._terminate(job_id, agent.JS_FAILED, AGENT_LEFT_ROOM)
         logger.info("room %s deleted", name)
         self._changed()
 
@@ -247,30 +182,48 @@ class DevServer:
                               attributes: Mapping[str, str] | None = None,
                               deployment: str = "") -> agent_dispatch.AgentDispatch:
         """``AgentDispatchService.CreateDispatch``: auto-creates the room (with its default
-        dispatch, as the real server does), then launches this dispatch's jobs."""
+        dispatch, as the real server does), then launches this dispatch's jobs: JT_ROOM, and
+        JT_PARTICIPANT / JT_PUBLISHER for the participants already there."""
+        _check_dispatch(deployment, metadata, attributes or {})
         await self.create_room(room)
         info = self._rooms[room]
         dispatch = self._add_dispatch(info, agent_name, metadata, dict(attributes or {}),
                                       deployment)
-        for identity in info.participants:
-            if not self._dependent(info.participants[identity]):
-                self._launch(info, dispatch, agent.JT_PARTICIPANT, info.participants[identity])
+        for participant in list(info.participants.values()):
+            if not _dependent(participant):
+                self._launch(info, dispatch, agent.JT_PARTICIPANT, participant)
         for identity in info.publishers:
             self._launch(info, dispatch, agent.JT_PUBLISHER, info.participants[identity])
         self._changed()
         return dispatch
 
     async def delete_dispatch(self, dispatch_id: str, room: str) -> agent_dispatch.AgentDispatch:
+        """``DeleteDispatch``: its running jobs get ``JobTermination`` and end ``JS_SUCCESS``.
+
+        Jobs of it still being offered are terminated as soon as their offer is over (the
+        server waits for pending launches).
+        """
         info = self._rooms.get(room)
         dispatch = info.dispatches.pop(dispatch_id, None) if info else None
         if info is None or dispatch is None:
             raise TwirpError("not_found", "dispatch ID not found")
-        for job_id in info.job_ids:
-            if self._jobs[job_id].job.dispatch_id == dispatch_id:
-                await self._terminate(job_id, agent.JS_SUCCESS, "")
-        dispatch.state.deleted_at = _now_ns()
+        dispatch.state.deleted_at = now_ns()
+        records = [self._jobs[j] for j in info.job_ids
+                   if self._jobs[j].job.dispatch_id == dispatch_id]
+        for record in records:
+            if record.done:
+                await self._terminate(record.job.id, agent.JS_SUCCESS, "")
+        pending = [r for r in records if not r.done]
+        if pending:
+            self._nursery.start_soon(self._terminate_when_launched, pending)
         self._changed()
         return dispatch
+
+    async def _terminate_when_launched(self, records: list[JobInfo]) -> None:
+        await self.wait_until(lambda: all(r.done for r in records))
+        for record in records:
+            await self._terminate(record.job.id, agent.JS_SUCCESS, "")
+        self._changed()
 
     def list_dispatches(self, room: str) -> list[agent_dispatch.AgentDispatch]:
         info = self._rooms.get(room)
@@ -279,19 +232,26 @@ class DevServer:
         return list(info.dispatches.values())
 
     async def add_participant(self, room: str, identity: str, *, name: str = "",
-                              kind: int = models.ParticipantInfo.STANDARD,
-                              metadata: str = "") -> models.ParticipantInfo:
-        """A participant joins (simulated; creates the room): JT_PARTICIPANT jobs."""
+                              kind: models.ParticipantInfo.Kind =
+                              models.ParticipantInfo.STANDARD,
+                              metadata: str = "",
+                              attributes: Mapping[str, str] | None = None
+                              ) -> models.ParticipantInfo:
+        """A participant joins (simulated; auto-creates the room). A non-agent participant
+        starts JT_PARTICIPANT jobs for every dispatch of the room. Joining with an identity
+        that is already there replaces that participant (it leaves first)."""
+        _check_size("identity", identity, MAX_NAME_BYTES, allow_empty=False)
         await self.create_room(room)
         info = self._rooms[room]
+        if identity in info.participants:
+            await self._leave(info, identity)
         now = time.time()
         participant = models.ParticipantInfo(
-            sid=new_id("PA_"), identity=identity, name=name, metadata=metadata,
-            kind=kind,  # type: ignore[arg-type]
-            state=models.ParticipantInfo.ACTIVE, joined_at=int(now),
-            joined_at_ms=int(now * 1000))
+            sid=new_id("PA_"), identity=identity, name=name, metadata=metadata, kind=kind,
+            attributes=dict(attributes or {}), state=models.ParticipantInfo.ACTIVE,
+            joined_at=int(now), joined_at_ms=int(now * 1000))
         info.participants[identity] = participant
-        if not self._dependent(participant):
+        if not _dependent(participant):
             info.room.num_participants += 1
             for dispatch in info.dispatches.values():
                 self._launch(info, dispatch, agent.JT_PARTICIPANT, participant)
@@ -299,13 +259,15 @@ class DevServer:
         return participant
 
     async def publish_track(self, room: str, identity: str) -> None:
-        """A participant publishes its first track (simulated): JT_PUBLISHER jobs."""
+        """A participant publishes a media track (simulated): the first time, a non-agent
+        participant starts JT_PUBLISHER jobs for every dispatch of the room."""
         info = self._rooms.get(room)
         participant = info.participants.get(identity) if info else None
         if info is None or participant is None:
             raise TwirpError("not_found", "participant does not exist")
         participant.is_publisher = True
-        if identity in info.publishers or self._dependent(participant):
+        if identity in info.publishers or _dependent(participant):
+            self._changed()
             return
         info.publishers.add(identity)
         info.room.num_publishers += 1
@@ -314,45 +276,64 @@ class DevServer:
         self._changed()
 
     async def remove_participant(self, room: str, identity: str) -> None:
+        """A participant leaves (``RemoveParticipant``). If it is the agent of a running job,
+        that job gets ``JobTermination`` and ends ``JS_FAILED`` (AGENT_LEFT_ROOM)."""
         info = self._rooms.get(room)
-        if info is None or info.participants.pop(identity, None) is None:
+        if info is None or identity not in info.participants:
             raise TwirpError("not_found", "participant does not exist")
-        info.publishers.discard(identity)
+        await self._leave(info, identity)
         self._changed()
 
-    def drop_worker(self, worker_id: str) -> None:
-        """Close a worker's socket without a close frame, as a network drop looks."""
-        worker = self._workers.get(worker_id)
-        if worker is not None and worker._socket is not None:
-            self._nursery.start_soon(worker._socket.abort)
+    async def _leave(self, info: RoomInfo, identity: str) -> None:
+        participant = info.participants.pop(identity)
+        if not _dependent(participant):
+            info.room.num_participants -= 1
+        if identity in info.publishers:
+            info.publishers.discard(identity)
+            info.room.num_publishers -= 1
+        for job_id in info.job_ids:
+            if self._jobs[job_id].participant_identity == identity:
+                await self._terminate(job_id, agent.JS_FAILED, AGENT_LEFT_ROOM)
 
-    @staticmethod
-    def _dependent(participant: models.ParticipantInfo) -> bool:
-        return participant.kind in DEPENDENT_KINDS
+    def drop_worker(self, worker_id: str) -> None:
+        """Drop a worker's connection as a network failure would: the server forgets it at
+        once (its offers move to the next worker, its running jobs stay as they are), and its
+        socket is closed without a close frame (the client sees 1006)."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            raise KeyError(f"no registered worker {worker_id!r}")
+        socket = worker._socket
+        self._deregister(worker, "dropped by drop_worker")
+        if socket is not None:
+            self._nursery.start_soon(socket.abort)
 
     def _add_dispatch(self, room: RoomInfo, agent_name: str, metadata: str,
                       attributes: dict[str, str], deployment: str) -> agent_dispatch.AgentDispatch:
         dispatch = agent_dispatch.AgentDispatch(
             id=new_id("AD_"), agent_name=agent_name, room=room.room.name, metadata=metadata,
             deployment=deployment, attributes=attributes,
-            state=agent_dispatch.AgentDispatchState(created_at=_now_ns()))
+            state=agent_dispatch.AgentDispatchState(created_at=now_ns()))
         room.dispatches[dispatch.id] = dispatch
         self._launch(room, dispatch, agent.JT_ROOM, None)
         return dispatch
 
     # -- dispatch ------------------------------------------------------------------------------
 
-    def _launch(self, room: RoomInfo, dispatch: agent_dispatch.AgentDispatch, job_type: int,
+    def _launch(self, room: RoomInfo, dispatch: agent_dispatch.AgentDispatch,
+                job_type: agent.JobType,
                 participant: models.ParticipantInfo | None) -> None:
         job = agent.Job(
-            id=new_id("AJ_"), dispatch_id=dispatch.id, type=job_type,  # type: ignore[arg-type]
+            id=new_id("AJ_"), dispatch_id=dispatch.id, type=job_type,
             room=room.room, namespace="", metadata=dispatch.metadata,
             agent_name=dispatch.agent_name, deployment=dispatch.deployment,
             attributes=dict(dispatch.attributes))
         if participant is not None:
             job.participant.CopyFrom(participant)
         if not any(w.matches(job) for w in self._workers.values()):
-            logger.info("not dispatching agent job since no worker is available",
+            # the room side's CheckEnabled finds no worker: the job is never created
+            logger.info("not dispatching agent job since no worker is available "
+                        "(room %s, agent name %r, %s)", room.room.name, dispatch.agent_name,
+                        agent.JobType.Name(job_type),
                         extra={"room": room.room.name, "agent_name": dispatch.agent_name})
             return
         record = JobInfo(job=job, room=room.room.name)
@@ -361,6 +342,7 @@ class DevServer:
         self._nursery.start_soon(self._dispatch, record, dispatch)
 
     async def _dispatch(self, record: JobInfo, dispatch: agent_dispatch.AgentDispatch) -> None:
+        """Offer the job until a worker takes it, ends it, or the window closes."""
         tried: set[str] = set()
         with trio.move_on_after(self.availability_timeout) as deadline:
             while True:
@@ -379,6 +361,7 @@ class DevServer:
                 if response is None or (not response.available and not response.terminate):
                     continue  # closed or not available: the next worker
                 if response.terminate:
+                    record.job.state.worker_id = worker.id
                     record.set_status(agent.JS_SUCCESS)
                     break
                 await self._assign(worker, record, response)
@@ -387,21 +370,23 @@ class DevServer:
         if deadline.cancelled_caught:
             record.dropped = "context deadline exceeded"
         if record.dropped:
-            logger.warning("failed to assign job: %s", record.dropped,
+            logger.warning("failed to assign job %s (room %s) to a worker: %s", record.job.id,
+                           record.room, record.dropped,
                            extra={"job_id": record.job.id, "room": record.room})
         record.done = True
         self._changed()
 
     async def _offer(self, worker: WorkerInfo, record: JobInfo) -> agent.AvailabilityResponse | None:
+        """Send one ``AvailabilityRequest``; the answer, or ``None`` if the worker went away."""
         job = agent.Job()
         job.CopyFrom(record.job)
-        now = _now_ns()
+        now = now_ns()
         job.state.CopyFrom(agent.JobState(status=agent.JS_RUNNING, worker_id=worker.id,
                                           started_at=now, updated_at=now))
-        pending = worker._pending[job.id] = _Pending()
+        pending = worker._pending[job.id] = Pending()
         try:
             record.offered_at = time.monotonic()
-            await worker.send(agent.ServerMessage(
+            await self._send(worker, agent.ServerMessage(
                 availability=agent.AvailabilityRequest(job=job)))
             await pending.event.wait()
             record.answered_at = time.monotonic()
@@ -413,9 +398,10 @@ class DevServer:
 
     async def _assign(self, worker: WorkerInfo, record: JobInfo,
                       response: agent.AvailabilityResponse) -> None:
+        now = now_ns()
         record.job.state.CopyFrom(agent.JobState(
-            status=agent.JS_RUNNING, worker_id=worker.id, started_at=_now_ns(),
-            updated_at=_now_ns(), participant_identity=response.participant_identity))
+            status=agent.JS_RUNNING, worker_id=worker.id, started_at=now, updated_at=now,
+            participant_identity=response.participant_identity))
         record.worker_id = worker.id
         record.response = response
         record.token = job_token(api_key=worker.api_key, api_secret=worker.api_secret,
@@ -425,12 +411,15 @@ class DevServer:
         worker.running_job_ids.add(record.job.id)
         try:
             record.assigned_at = time.monotonic()
-            await worker.send(agent.ServerMessage(
+            await self._send(worker, agent.ServerMessage(
                 assignment=agent.JobAssignment(job=record.job, token=record.token)))
         except WebSocketClosed:
             logger.warning("worker %s closed before its assignment", worker.id)
 
-    async def _terminate(self, job_id: str, status: int, error: str) -> None:
+    async def _terminate(self, job_id: str, status: agent.JobStatus,
+                         error: str) -> None:
+        """``JobTerminate``: only for a job still running on a connected worker. The job
+        ends now; the server does not wait for the worker."""
         record = self._jobs.get(job_id)
         if record is None or record.ended or not record.worker_id:
             return
@@ -438,43 +427,36 @@ class DevServer:
         if worker is None or job_id not in worker.running_job_ids:
             return
         worker.running_job_ids.discard(job_id)
-        record.set_status(status, error)  # the server does not wait for the worker
+        record.set_status(status, error)
         try:
-            await worker.send(agent.ServerMessage(termination=agent.JobTermination(job_id=job_id)))
+            await self._send(worker, agent.ServerMessage(
+                termination=agent.JobTermination(job_id=job_id)))
         except WebSocketClosed:
             pass
 
-    # -- /agent -----------------------------------------------------------------------------
+    # -- connections ------------------------------------------------------------------------
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
-        """Serve one connection (TCP or in-memory) until it closes."""
+        """Serve one connection (TCP or in-memory) until it closes; it is closed on return."""
+        await serve_http(stream, self._route)
+
+    async def _route(self, request: Request) -> Response | SessionHandler:
         from ._twirp import handle_twirp
 
-        async def http(request: Request) -> Response:
-            if request.path.startswith("/twirp/"):
-                return await handle_twirp(self, request)
-            if request.path in ("/agent", "/rtc", "/rtc/v1"):
-                return Response(404, b"404 page not found")
-            if request.path == "/":
-                return Response(200, b"OK")
-            return Response(404, b"404 page not found")
-
-        async def upgrade(request: Request) -> Response | Callable[[WebSocket], object]:
-            if request.path != "/agent":
-                return Response(404, b"404 page not found")
-            claims = self.authenticate(request)
-            if isinstance(claims, Response):
-                return claims
+        claims = self.authenticate(request)  # the middleware runs before any handler
+        if isinstance(claims, Response):
+            return claims
+        if request.path == "/agent":
+            if not request.wants_websocket:
+                return Response(404, NOT_FOUND)
             if claims is None or claims.video is None or not claims.video.agent:
                 return Response(401, b"no permissions to access the room")
-            api_key = claims.api_key
-
-            async def session(socket: WebSocket) -> None:
-                await self._agent_session(socket, api_key)
-
-            return session
-
-        await serve_http(stream, http=http, upgrade=upgrade)  # type: ignore[arg-type]
+            return functools.partial(self._agent_session, api_key=claims.api_key)
+        if request.path.startswith("/twirp/"):
+            return await handle_twirp(self, request, claims)
+        if request.path == "/" and request.method in ("GET", "HEAD"):
+            return Response(200, b"OK")
+        return Response(404, NOT_FOUND)
 
     def authenticate(self, request: Request) -> Claims | Response | None:
         """``APIKeyAuthMiddleware``: the claims, a plain-text 401, or ``None`` (no token)."""
@@ -492,49 +474,60 @@ class DevServer:
         except TokenError as exc:
             return Response(401, str(exc).encode())
 
-    async def _agent_session(self, socket: WebSocket, api_key: str) -> None:
-        worker_id = new_id("AW_")
+    # -- /agent -----------------------------------------------------------------------------
+
+    async def _agent_session(self, socket: WebSocket, *, api_key: str) -> None:
+        """One worker connection: the registration window, then its messages until it ends.
+
+        Whatever ends it, the socket is dropped without a close frame and the worker
+        deregistered.
+        """
+        worker_id = new_id("AW_")  # at upgrade time, one per connection
         worker: WorkerInfo | None = None
-        state = {"json": False}
         try:
-            with trio.move_on_after(self.register_timeout):
-                while worker is None:
-                    message = await self._receive(socket, state)
-                    kind = message.WhichOneof("message")
-                    if kind == "ping":
-                        await self._reply(socket, state, self._pong(message))
-                    elif kind == "register":
-                        problem = validate_registration(message.register)
-                        if problem:
-                            raise _Closed(f"registration refused: {problem}")
-                        worker = self._register(worker_id, message.register, api_key, socket)
-                        worker._json = state["json"]
-                        await worker.send(agent.ServerMessage(register=agent.RegisterWorkerResponse(
-                            worker_id=worker_id,
-                            server_info=models.ServerInfo(
-                                edition=models.ServerInfo.Standard, version=SERVER_VERSION,
-                                protocol=SIGNAL_PROTOCOL, agent_protocol=1, node_id="ND_dev"))))
-                        self._workers[worker_id] = worker
-                        logger.info("worker %s registered", worker_id,
-                                    extra={"agent_name": worker.agent_name})
-                        self._changed()
-                    else:
-                        raise _Closed(f"{kind or 'empty message'} before registration")
-            if worker is None:
-                raise _Closed("no registration within the register timeout")
+            worker = await self._handshake(socket, worker_id, api_key)
             while True:
-                message = await self._receive(socket, state)
-                worker._json = state["json"]
+                message, worker._json = await _receive(socket)
                 await self._handle(worker, message)
         except (_Closed, WebSocketClosed) as exc:
             logger.info("closing worker %s: %s", worker_id, exc)
         finally:
             if worker is not None:
-                self._deregister(worker)
+                self._deregister(worker, "connection closed")
             await socket.abort()
 
-    def _register(self, worker_id: str, request: agent.RegisterWorkerRequest, api_key: str,
-                  socket: WebSocket) -> WorkerInfo:
+    async def _handshake(self, socket: WebSocket, worker_id: str, api_key: str) -> WorkerInfo:
+        """``HandshakeAgentWorker``: only ``register`` and ``ping`` until registered."""
+        with trio.move_on_after(self.register_timeout):
+            while True:
+                message, as_json = await _receive(socket)
+                kind = message.WhichOneof("message")
+                if kind == "ping":
+                    await socket.send(_encode(_pong(message), as_json))
+                elif kind == "register":
+                    problem = validate_registration(message.register)
+                    if problem:
+                        raise _Closed(f"registration refused: {problem}")
+                    worker = self._new_worker(worker_id, message.register, api_key, socket)
+                    worker._json = as_json
+                    await self._send(worker, agent.ServerMessage(
+                        register=agent.RegisterWorkerResponse(
+                            worker_id=worker_id, server_info=models.ServerInfo(
+                                edition=models.ServerInfo.Standard, version=SERVER_VERSION,
+                                protocol=SIGNAL_PROTOCOL, agent_protocol=AGENT_PROTOCOL,
+                                node_id="ND_devserver"))))
+                    self._workers[worker_id] = worker
+                    logger.info("worker %s registered (agent name %r, %s)", worker_id,
+                                worker.agent_name, agent.JobType.Name(worker.job_type),
+                                extra={"agent_name": worker.agent_name})
+                    self._changed()
+                    return worker
+                else:
+                    raise _Closed(f"{kind or 'an empty message'} before registration")
+        raise _Closed(f"no registration within {self.register_timeout} s")
+
+    def _new_worker(self, worker_id: str, request: agent.RegisterWorkerRequest, api_key: str,
+                    socket: WebSocket) -> WorkerInfo:
         permissions = (request.allowed_permissions if request.HasField("allowed_permissions")
                        else default_permissions())
         return WorkerInfo(
@@ -544,44 +537,29 @@ class DevServer:
             permissions=permissions, api_key=api_key, api_secret=self._secrets[api_key],
             socket=socket)
 
-    def _deregister(self, worker: WorkerInfo) -> None:
-        self._workers.pop(worker.id, None)
+    def _deregister(self, worker: WorkerInfo, why: str) -> None:
+        """Forget the worker (once): its pending offers fail over, its running jobs are left
+        as they are (the real server only drops its bookkeeping)."""
+        if self._workers.get(worker.id) is not worker:
+            return
+        del self._workers[worker.id]
         worker._socket = None
         for pending in worker._pending.values():
             pending.event.set()  # response None: the offer moves to the next worker
-        logger.info("worker %s deregistered", worker.id)
+        logger.info("worker %s deregistered: %s", worker.id, why)
         self._changed()
 
-    async def _receive(self, socket: WebSocket, state: dict[str, bool]) -> agent.WorkerMessage:
-        data = await socket.receive()
-        message = agent.WorkerMessage()
-        try:
-            if isinstance(data, bytes):
-                message.ParseFromString(data)
-                state["json"] = False
-            else:
-                json_format.Parse(data, message)
-                state["json"] = True
-        except (DecodeError, json_format.ParseError) as exc:
-            raise _Closed(f"unparseable message: {exc}") from exc
-        return message
-
-    async def _reply(self, socket: WebSocket, state: dict[str, bool],
-                     message: agent.ServerMessage) -> None:
-        await socket.send(json_format.MessageToJson(message) if state["json"]
-                          else message.SerializeToString())
-
-    @staticmethod
-    def _pong(message: agent.WorkerMessage) -> agent.ServerMessage:
-        return agent.ServerMessage(pong=agent.WorkerPong(
-            last_timestamp=message.ping.timestamp, timestamp=int(time.time() * 1000)))
+    async def _send(self, worker: WorkerInfo, message: agent.ServerMessage) -> None:
+        if worker._socket is None:
+            raise WebSocketClosed("worker is gone")
+        await worker._socket.send(_encode(message, worker._json))
 
     async def _handle(self, worker: WorkerInfo, message: agent.WorkerMessage) -> None:
         kind = message.WhichOneof("message")
         if kind == "availability":
             pending = worker._pending.get(message.availability.job_id)
             if pending is None:
-                logger.info("availability response for unknown job %s",
+                logger.info("availability response for unknown job %s ignored",
                             message.availability.job_id)
                 return
             pending.response = message.availability
@@ -593,9 +571,9 @@ class DevServer:
             worker.load = update.load
             self._changed()
         elif kind == "update_job":
-            await self._update_job(worker, message.update_job)
+            self._update_job(worker, message.update_job)
         elif kind == "ping":
-            await worker.send(self._pong(message))
+            await self._send(worker, _pong(message))
         elif kind == "migrate_job":
             worker.migrated_job_ids.extend(message.migrate_job.job_ids)  # recorded, then ignored
             self._changed()
@@ -604,19 +582,23 @@ class DevServer:
         else:  # register again, or nothing set
             raise _Closed(f"unexpected {kind or 'empty message'} from a registered worker")
 
-    async def _update_job(self, worker: WorkerInfo, update: agent.UpdateJobStatus) -> None:
+    def _update_job(self, worker: WorkerInfo, update: agent.UpdateJobStatus) -> None:
+        """``Worker.UpdateJobStatus``: only for a job running on this worker."""
         record = self._jobs.get(update.job_id)
         if record is None or update.job_id not in worker.running_job_ids:
             logger.debug("status for unknown job %s ignored", update.job_id)
             return
         if record.job.state.status == agent.JS_PENDING and update.status != agent.JS_PENDING:
-            record.job.state.started_at = _now_ns()
+            record.job.state.started_at = now_ns()
         record.set_status(update.status, update.error)
         if record.ended:
             worker.running_job_ids.discard(update.job_id)
         self._changed()
 
     def _simulate(self, worker: WorkerInfo, request: agent.SimulateJobRequest) -> None:
+        """``HandleSimulateJob``: a job for this very worker, no room bookkeeping, 10 s."""
+        if not request.HasField("room"):
+            logger.warning("simulate_job without a room: livekit-server would fail on it")
         job = agent.Job(
             id=new_id("AJ_"), type=agent.JT_PUBLISHER if request.HasField("participant")
             else agent.JT_ROOM, room=request.room, namespace=worker.namespace,
@@ -625,17 +607,84 @@ class DevServer:
             job.participant.CopyFrom(request.participant)
         record = JobInfo(job=job, room=request.room.name)
         self._jobs[job.id] = record
+        self._changed()
 
         async def assign() -> None:
-            with trio.move_on_after(SIMULATE_TIMEOUT):
+            with trio.move_on_after(SIMULATE_TIMEOUT) as deadline:
                 record.attempts = 1
                 response = await self._offer(worker, record)
-                if response is not None and response.available and not response.terminate:
+                if response is None:
+                    record.dropped = "worker closed"
+                elif response.terminate:
+                    record.set_status(agent.JS_SUCCESS)
+                elif response.available:
                     await self._assign(worker, record, response)
+                else:
+                    record.dropped = "worker not available"
+            if deadline.cancelled_caught:
+                record.dropped = "availability timeout"
             record.done = True
             self._changed()
 
         self._nursery.start_soon(assign)
+
+
+def _check_options(api_key: str, api_secret: str, availability_timeout: float,
+                   register_timeout: float) -> None:
+    if not api_key or not api_secret:
+        raise ConfigError("the dev server needs an API key and secret (e.g. --api-key devkey "
+                          "--api-secret secret)")
+    if not availability_timeout > 0 or not register_timeout > 0:
+        raise ConfigError(f"the availability timeout ({availability_timeout}) and the register "
+                          f"timeout ({register_timeout}) must be positive numbers of seconds")
+
+
+def _dependent(participant: models.ParticipantInfo) -> bool:
+    """Agents and egress never trigger jobs (``IsDependent``)."""
+    return participant.kind in DEPENDENT_KINDS
+
+
+def _check_size(what: str, value: str, limit: int, *, allow_empty: bool = True) -> None:
+    if not value and not allow_empty:
+        raise TwirpError("invalid_argument", f"{what} cannot be empty")
+    if len(value.encode()) > limit:
+        raise TwirpError("invalid_argument", f"{what} exceeds the limit of {limit} bytes")
+
+
+def _check_dispatch(deployment: str, metadata: str, attributes: Mapping[str, str]) -> None:
+    problem = validate_deployment(deployment)
+    if problem:
+        raise TwirpError("invalid_argument", f"invalid deployment {deployment!r}: {problem}")
+    _check_size("metadata", metadata, MAX_METADATA_BYTES)
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in attributes.items())
+    if size > MAX_ATTRIBUTES_BYTES:
+        raise TwirpError("invalid_argument",
+                         f"attributes exceed the limit of {MAX_ATTRIBUTES_BYTES} bytes")
+
+
+async def _receive(socket: WebSocket) -> tuple[agent.WorkerMessage, bool]:
+    """The next ``WorkerMessage`` and whether it came as protojson (a text frame)."""
+    data = await socket.receive()
+    message = agent.WorkerMessage()
+    try:
+        if isinstance(data, bytes):
+            message.ParseFromString(data)
+        else:
+            json_format.Parse(data, message)
+    except (DecodeError, json_format.ParseError, ValueError) as exc:
+        raise _Closed(f"unparseable message: {exc}") from exc
+    return message, isinstance(data, str)
+
+
+def _encode(message: agent.ServerMessage, as_json: bool) -> bytes | str:
+    if as_json:  # protojson: lowerCamelCase names, unpopulated fields left out
+        return json_format.MessageToJson(message, indent=None)
+    return message.SerializeToString()
+
+
+def _pong(message: agent.WorkerMessage) -> agent.ServerMessage:
+    return agent.ServerMessage(pong=agent.WorkerPong(
+        last_timestamp=message.ping.timestamp, timestamp=int(time.time() * 1000)))
 
 
 @asynccontextmanager
@@ -645,39 +694,69 @@ async def open_dev_server(
     port: int = 0,
     api_key: str = "devkey",
     api_secret: str = "secret",
-    availability_timeout: float = 3.0,
+    availability_timeout: float = AVAILABILITY_TIMEOUT,
     register_timeout: float = REGISTER_TIMEOUT,
     listen: bool = True,
     rng: random.Random | None = None,
 ) -> AsyncIterator[DevServer]:
-    """Run a dev server for the duration of the block.
+    """Run a dev server for the duration of the block; everything it started ends with it.
 
     Args:
-        port: TCP port (0 picks a free one; ``dev.port`` tells which).
-        availability_timeout: how long a job may take to be accepted, retries included
-            (3 s on a stock livekit-server).
-        listen: ``False`` binds nothing: use ``dev.handle_stream`` (in-memory tests).
+        host, port: where to listen (port 0 picks a free one; ``dev.port`` tells which).
+        api_key, api_secret: the one key pair it accepts (``livekit-server --dev``'s default).
+        availability_timeout: how long a job may take to be accepted, retries on other
+            workers included (3 s on a stock livekit-server).
+        register_timeout: how long a new connection has to register (10 s).
+        listen: ``False`` binds nothing: serve connections with ``dev.handle_stream``
+            (in-memory tests in virtual time).
+        rng: the source of the weighted worker choice (seed it for reproducible tests).
     Raises:
-        ConfigError: the port is in use.
+        ConfigError: the address cannot be listened on (e.g. the port is in use).
     """
+    _check_options(api_key, api_secret, availability_timeout, register_timeout)
     listeners: list[trio.SocketListener] = []
     if listen:  # bound before the nursery opens, so a busy port is a plain ConfigError
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
         except OSError as exc:
-            hint = ("stop the other server or pick another port with --port"
-                    if exc.errno == errno.EADDRINUSE else "check --host and --port")
+            hint = (f"stop the other server using port {port} or pick another port "
+                    "(--port, or port=0 for a free one)"
+                    if exc.errno == errno.EADDRINUSE else "check the host and port")
             raise ConfigError(f"the dev server cannot listen on {host}:{port}: "
                               f"{exc.strerror or exc}; {hint}") from exc
-    async with trio.open_nursery() as nursery:
-        dev = DevServer(nursery, api_key=api_key, api_secret=api_secret,
-                        availability_timeout=availability_timeout,
-                        register_timeout=register_timeout, rng=rng)
-        if listeners:
-            dev.host = host
-            dev.port = listeners[0].socket.getsockname()[1]
-            nursery.start_soon(trio.serve_listeners, dev.handle_stream, listeners)
-        try:
-            yield dev
-        finally:
-            nursery.cancel_scope.cancel()
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            dev = DevServer(nursery, api_key=api_key, api_secret=api_secret,
+                            availability_timeout=availability_timeout,
+                            register_timeout=register_timeout, rng=rng)
+            if listeners:
+                dev.host = host
+                dev.port = listeners[0].socket.getsockname()[1]
+                nursery.start_soon(trio.serve_listeners, dev.handle_stream, listeners)
+            try:
+                yield dev
+            except BaseException as exc:
+                body_error = exc
+                raise
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The block's own error, alone: raise it as it was raised, not wrapped in the group
+        # of the nursery that happens to surround the block.
+        if body_error is None or list(group.exceptions) != [body_error]:
+            raise
+        _reraise_unwrapped(body_error)
+    finally:
+        for listener in listeners:  # serve_listeners closes them, unless it never started
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+
+
+def _reraise_unwrapped(error: BaseException) -> NoReturn:
+    cause, context, suppress = error.__cause__, error.__context__, error.__suppress_context__
+    try:
+        raise error
+    finally:  # keep the error's own chain, not "during handling of the group ..."
+        error.__cause__, error.__context__ = cause, context
+        error.__suppress_context__ = suppress

@@ -1,37 +1,61 @@
 """Twirp ``RoomService`` and ``AgentDispatchService`` (PROTOCOL.md §7): protobuf or JSON bodies,
-grants checked as livekit-server does, JSON errors ``{"code", "msg"}``."""
+grants checked as livekit-server does, JSON errors ``{"code", "msg"}``.
+
+The token itself was already checked by the auth middleware (``DevServer.authenticate``); a
+valid token without the grant a method needs gets Twirp's ``unauthenticated`` here.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
+import attrs
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 from livekit.protocol import agent_dispatch, room
 
+from .._auth import Claims
+from ..api import TWIRP_STATUS, TwirpError
 from ._http import Request, Response
 
 if TYPE_CHECKING:
     from ._server import DevServer
 
 PREFIX: Final = "/twirp/livekit."
+JSON: Final = "application/json"
+PROTOBUF: Final = "application/protobuf"
 
 Handler = Callable[["DevServer", Any], Awaitable[Message]]
 
 
-def _grant(claims: Any, grant: str, room_name: str | None = None) -> None:
-    from ._server import TwirpError
+@attrs.frozen
+class Route:
+    request: type[Message]
+    handler: Handler
+    grant: str
+    """The ``VideoGrants`` attribute the token needs."""
+    room_field: str | None = None
+    """The request field that must equal the token's ``video.room`` (room-scoped methods)."""
 
+
+def error_response(error: TwirpError) -> Response:
+    body = json.dumps({"code": error.code, "msg": error.msg}).encode()
+    return Response(TWIRP_STATUS.get(error.code, 500), body, JSON)
+
+
+def check_grant(claims: Claims | None, route: Route, request: Message) -> None:
+    """``EnsureCreatePermission`` / ``EnsureListPermission`` / ``EnsureAdminPermission``."""
     video = claims.video if claims is not None else None
-    if video is None or not getattr(video, grant):
+    if video is None or not getattr(video, route.grant):
         raise TwirpError("unauthenticated", "permissions denied")
-    if room_name is not None and video.room != room_name:
+    if route.room_field is not None and video.room != getattr(request, route.room_field):
         raise TwirpError("unauthenticated", "permissions denied")
 
 
 async def _create_room(dev: DevServer, req: room.CreateRoomRequest) -> Message:
-    return await dev.create_room(req.name, agents=list(req.agents) or None, metadata=req.metadata,
+    return await dev.create_room(req.name, agents=list(req.agents), metadata=req.metadata,
                                  empty_timeout=req.empty_timeout or 300,
                                  departure_timeout=req.departure_timeout or 20,
                                  max_participants=req.max_participants)
@@ -55,8 +79,6 @@ async def _list_participants(dev: DevServer, req: room.ListParticipantsRequest) 
 
 
 async def _get_participant(dev: DevServer, req: room.RoomParticipantIdentity) -> Message:
-    from ._server import TwirpError
-
     info = dev.rooms.get(req.room)
     participant = info.participants.get(req.identity) if info else None
     if participant is None:
@@ -86,55 +108,59 @@ async def _delete_dispatch(dev: DevServer,
     return await dev.delete_dispatch(req.dispatch_id, req.room)
 
 
-# (service, method) -> (request type, handler, grant, room field or None)
-ROUTES: Final[dict[tuple[str, str], tuple[type[Message], Handler, str, str | None]]] = {
-    ("RoomService", "CreateRoom"): (room.CreateRoomRequest, _create_room, "room_create", None),
-    ("RoomService", "ListRooms"): (room.ListRoomsRequest, _list_rooms, "room_list", None),
-    ("RoomService", "DeleteRoom"): (room.DeleteRoomRequest, _delete_room, "room_create", None),
-    ("RoomService", "ListParticipants"): (room.ListParticipantsRequest, _list_participants,
+ROUTES: Final[dict[str, Route]] = {
+    "RoomService/CreateRoom": Route(room.CreateRoomRequest, _create_room, "room_create"),
+    "RoomService/ListRooms": Route(room.ListRoomsRequest, _list_rooms, "room_list"),
+    "RoomService/DeleteRoom": Route(room.DeleteRoomRequest, _delete_room, "room_create"),
+    "RoomService/ListParticipants": Route(room.ListParticipantsRequest, _list_participants,
                                           "room_admin", "room"),
-    ("RoomService", "GetParticipant"): (room.RoomParticipantIdentity, _get_participant,
+    "RoomService/GetParticipant": Route(room.RoomParticipantIdentity, _get_participant,
                                         "room_admin", "room"),
-    ("RoomService", "RemoveParticipant"): (room.RoomParticipantIdentity, _remove_participant,
+    "RoomService/RemoveParticipant": Route(room.RoomParticipantIdentity, _remove_participant,
                                            "room_admin", "room"),
-    ("AgentDispatchService", "CreateDispatch"): (agent_dispatch.CreateAgentDispatchRequest,
+    "AgentDispatchService/CreateDispatch": Route(agent_dispatch.CreateAgentDispatchRequest,
                                                  _create_dispatch, "room_admin", "room"),
-    ("AgentDispatchService", "ListDispatch"): (agent_dispatch.ListAgentDispatchRequest,
+    "AgentDispatchService/ListDispatch": Route(agent_dispatch.ListAgentDispatchRequest,
                                                _list_dispatch, "room_admin", "room"),
-    ("AgentDispatchService", "DeleteDispatch"): (agent_dispatch.DeleteAgentDispatchRequest,
+    "AgentDispatchService/DeleteDispatch": Route(agent_dispatch.DeleteAgentDispatchRequest,
                                                  _delete_dispatch, "room_admin", "room"),
 }
 
 
-async def handle_twirp(dev: DevServer, request: Request) -> Response:
-    from ._server import TwirpError
-
-    service, _, method = request.path[len(PREFIX):].partition("/") if request.path.startswith(
-        PREFIX) else ("", "", "")
-    route = ROUTES.get((service, method))
-    content_type = request.header("content-type").split(";")[0].strip()
+def decode(route: Route, content_type: str, body: bytes) -> Message:
+    message = route.request()
     try:
-        if request.method != "POST" or route is None or content_type not in (
-                "application/protobuf", "application/json"):
+        if content_type == JSON:
+            json_format.Parse(body or b"{}", message, ignore_unknown_fields=True)
+        else:
+            message.ParseFromString(body)
+    except (DecodeError, json_format.ParseError, ValueError) as exc:
+        raise TwirpError("malformed", f"the request could not be decoded: {exc}") from exc
+    return message
+
+
+def encode(message: Message, content_type: str) -> Response:
+    if content_type == JSON:  # protojson with UseProtoNames and EmitUnpopulated
+        text = json_format.MessageToJson(message, preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=True, indent=None)
+        return Response(200, text.encode(), JSON)
+    return Response(200, message.SerializeToString(), PROTOBUF)
+
+
+async def handle_twirp(dev: DevServer, request: Request, claims: Claims | None) -> Response:
+    """Serve one ``POST /twirp/livekit.<Service>/<Method>``."""
+    route = ROUTES.get(request.path[len(PREFIX):]) if request.path.startswith(PREFIX) else None
+    content_type = request.header("content-type").split(";")[0].strip().lower()
+    try:
+        if request.method != "POST":
+            raise TwirpError("bad_route", f"unsupported method {request.method!r} "
+                             "(only POST is allowed)")
+        if route is None:
             raise TwirpError("bad_route", f"no handler for path {request.path!r}")
-        claims = dev.authenticate(request)
-        if isinstance(claims, Response):
-            return claims  # an invalid token: the middleware's plain-text 401
-        message_type, handler, grant, room_field = route
-        body = message_type()
-        try:
-            if content_type == "application/json":
-                json_format.Parse(request.body or b"{}", body, ignore_unknown_fields=True)
-            else:
-                body.ParseFromString(request.body)
-        except (DecodeError, json_format.ParseError) as exc:
-            raise TwirpError("malformed", f"the request could not be decoded: {exc}") from exc
-        _grant(claims, grant, getattr(body, room_field) if room_field else None)
-        result = await handler(dev, body)
+        if content_type not in (JSON, PROTOBUF):
+            raise TwirpError("bad_route", f"unexpected Content-Type: {content_type!r}")
+        message = decode(route, content_type, request.body)
+        check_grant(claims, route, message)
+        return encode(await route.handler(dev, message), content_type)
     except TwirpError as exc:
-        return exc.response()
-    if content_type == "application/json":
-        return Response(200, json_format.MessageToJson(
-            result, preserving_proto_field_name=True,
-            always_print_fields_with_no_presence=True).encode(), "application/json")
-    return Response(200, result.SerializeToString(), "application/protobuf")
+        return error_response(exc)

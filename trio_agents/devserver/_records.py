@@ -1,0 +1,135 @@
+"""What the dev server knows about workers, jobs and rooms.
+
+These are live records: the server updates them in place and ``DevServer.workers`` /
+``.jobs`` / ``.rooms`` hand out read-only mappings of them, so a test may hold a record and
+wait for it to change (``await dev.wait_until(lambda: job.ended)``). Read them; never assign
+to them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, final
+
+import attrs
+import trio
+from livekit.protocol import agent, agent_dispatch, models
+
+if TYPE_CHECKING:
+    from ._http import WebSocket
+
+
+def now_ns() -> int:
+    """Unix nanoseconds, the unit of ``JobState.*_at`` and ``AgentDispatchState.*_at``."""
+    return time.time_ns()
+
+
+@attrs.define(eq=False)
+class Pending:
+    """One outstanding ``AvailabilityRequest``: set when the answer (or the worker's end) comes."""
+
+    event: trio.Event = attrs.field(factory=trio.Event)
+    response: agent.AvailabilityResponse | None = None
+
+
+@final
+@attrs.define(eq=False)
+class WorkerInfo:
+    """A registered worker, as the server sees it."""
+
+    id: str
+    agent_name: str
+    namespace: str
+    job_type: int
+    deployment: str
+    version: str
+    permissions: models.ParticipantPermission
+    api_key: str = attrs.field(repr=False)
+    api_secret: str = attrs.field(repr=False)
+    status: int = agent.WS_AVAILABLE
+    load: float = 0.0
+    registered_at: float = attrs.field(factory=time.monotonic)
+    """``time.monotonic()`` when the server answered the registration (system-wide on Linux)."""
+    running_job_ids: set[str] = attrs.field(factory=set)
+    """Jobs assigned to it and not ended (what ``JobTermination`` can still reach)."""
+    migrated_job_ids: list[str] = attrs.field(factory=list)
+    """Every id it sent in ``MigrateJobRequest`` (the server ignores them otherwise)."""
+    # internals of the server: its socket, whether it speaks protojson (its last frame was
+    # text), and its outstanding availability requests by job id
+    _socket: WebSocket | None = attrs.field(default=None, repr=False)
+    _json: bool = attrs.field(default=False, repr=False)
+    _pending: dict[str, Pending] = attrs.field(factory=dict, repr=False)
+
+    @property
+    def type(self) -> int:
+        """The ``JobType`` it registered for (same as ``job_type``)."""
+        return self.job_type
+
+    def matches(self, job: agent.Job) -> bool:
+        """The registry key of livekit-server: agent name, namespace, job type, deployment."""
+        return (self.agent_name, self.namespace, self.job_type, self.deployment) == (
+            job.agent_name, job.namespace, job.type, job.deployment)
+
+
+@final
+@attrs.define(eq=False)
+class JobInfo:
+    """A job the server created, and what became of it."""
+
+    job: agent.Job
+    """The job as last sent (its ``state`` follows the worker's status updates)."""
+    room: str
+    worker_id: str = ""
+    """The worker it was assigned to ("" if none was)."""
+    status: int = agent.JS_PENDING
+    error: str = ""
+    history: list[int] = attrs.field(factory=list)
+    """Every status it went through, from the assignment on."""
+    token: str = attrs.field(default="", repr=False)
+    """The token of its ``JobAssignment``."""
+    response: agent.AvailabilityResponse | None = None
+    """The accepting answer (participant identity, name, metadata, attributes)."""
+    attempts: int = 0
+    """How many workers were offered the job."""
+    done: bool = False
+    """The dispatch is over: assigned, ended by ``terminate``, or dropped."""
+    dropped: str = ""
+    """Why no worker got it ("" if one did)."""
+    ended: bool = False
+    # ``time.monotonic()`` stamps of the dispatch timeline, for benchmarks (0 = not yet)
+    offered_at: float = 0.0
+    answered_at: float = 0.0
+    assigned_at: float = 0.0
+    ended_at: float = 0.0
+
+    @property
+    def status_name(self) -> str:
+        return agent.JobStatus.Name(self.status)
+
+    @property
+    def participant_identity(self) -> str:
+        return self.response.participant_identity if self.response is not None else ""
+
+    def set_status(self, status: int, error: str = "") -> None:
+        self.status, self.error = status, error
+        self.history.append(status)
+        self.job.state.status = status  # type: ignore[assignment]
+        self.job.state.error = error
+        self.job.state.updated_at = now_ns()
+        if status in (agent.JS_SUCCESS, agent.JS_FAILED):
+            self.ended = True
+            self.ended_at = time.monotonic()
+            self.job.state.ended_at = now_ns()
+
+
+@final
+@attrs.define(eq=False)
+class RoomInfo:
+    """A live room: its ``Room`` proto, dispatches, (simulated) participants and jobs."""
+
+    room: models.Room
+    dispatches: dict[str, agent_dispatch.AgentDispatch] = attrs.field(factory=dict)
+    participants: dict[str, models.ParticipantInfo] = attrs.field(factory=dict)
+    publishers: set[str] = attrs.field(factory=set)
+    job_ids: list[str] = attrs.field(factory=list)
+
