@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import secrets
 import string
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Final
 
@@ -27,6 +28,12 @@ _ALPHABET: Final = string.ascii_letters + string.digits
 def new_id(prefix: str) -> str:
     """``guid.New(prefix)``: the prefix and 12 random base62 characters."""
     return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(12))
+
+
+def float32(value: float) -> float:
+    """``value`` rounded to float32, the type of ``load`` in the protocol and in Go: a worker
+    reporting 0.7 is at the 0.7 target, not 1e-8 below it."""
+    return float(struct.unpack("f", struct.pack("f", value))[0])
 
 
 @attrs.frozen
@@ -53,7 +60,8 @@ def select_worker(
     random pick by ``max(0, 1 − load)`` among the available workers not yet tried.
     """
     available = [c for c in candidates if c.status == agent.WS_AVAILABLE]
-    if first_attempt and sum(max(0.0, target_load - c.load) for c in available) <= 0:
+    target = float32(target_load)  # loads are float32 on the wire and in the server
+    if first_attempt and sum(max(0.0, target - c.load) for c in available) <= 0:
         return None, "unavailable: no servers available"
     pool = [c for c in available if c.worker_id not in tried]
     weights = [max(0.0, 1.0 - c.load) for c in pool]

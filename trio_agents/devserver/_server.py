@@ -96,6 +96,8 @@ class DevServer:
         self._jobs: dict[str, JobInfo] = {}
         self._rooms: dict[str, RoomInfo] = {}
         self._change = trio.Event()
+        self._connections: set[trio.CancelScope] = set()
+        self._closed = False
         self.host = "127.0.0.1"
         self.port = 0
 
@@ -437,8 +439,26 @@ class DevServer:
     # -- connections ------------------------------------------------------------------------
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
-        """Serve one connection (TCP or in-memory) until it closes; it is closed on return."""
-        await serve_http(stream, self._route)
+        """Serve one connection (TCP or in-memory) until it closes; it is closed on return.
+
+        It may run in any nursery: when the server closes, its connections are cut too.
+        """
+        if self._closed:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        with trio.CancelScope() as scope:
+            self._connections.add(scope)
+            try:
+                await serve_http(stream, self._route)
+            finally:
+                self._connections.discard(scope)
+
+    def _close(self) -> None:
+        """Cut every connection, wherever its task runs (``open_dev_server`` on exit)."""
+        self._closed = True
+        for scope in self._connections:
+            scope.cancel()
 
     async def _route(self, request: Request) -> Response | SessionHandler:
         from ._twirp import handle_twirp
@@ -740,6 +760,7 @@ async def open_dev_server(
                 body_error = exc
                 raise
             finally:
+                dev._close()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The block's own error, alone: raise it as it was raised, not wrapped in the group
