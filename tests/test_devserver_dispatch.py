@@ -598,3 +598,55 @@ def test_job_token_without_identity_still_verifies() -> None:
     claims = verify_token(token, {KEY: SECRET})
     assert claims.identity == "" and dict(claims.attributes) == {"lk.agent.name": ""}
     assert claims.video is not None and not claims.video.can_publish
+
+
+# -- rooms close by themselves (§3.12) --------------------------------------------------------
+
+
+async def test_a_room_nobody_joins_closes_after_its_empty_timeout(
+    dev: DevServer, autojump_clock: trio.testing.MockClock
+) -> None:
+    t0 = trio.current_time()
+    await dev.create_room("default")
+    await dev.create_room("short", empty_timeout=30)
+    await dev.wait_until(lambda: "short" not in dev.rooms)
+    assert trio.current_time() - t0 == 30
+    await dev.wait_until(lambda: "default" not in dev.rooms)
+    assert trio.current_time() - t0 == 300
+
+
+async def test_a_room_closes_departure_timeout_after_the_last_one_left(
+    dev: DevServer, autojump_clock: trio.testing.MockClock
+) -> None:
+    t0 = trio.current_time()
+    await dev.create_room("r", empty_timeout=30)
+    await trio.sleep(10)
+    await dev.add_participant("r", "alice")
+    await dev.add_participant("r", "bob")
+    await trio.sleep(100)  # past the empty timeout: people are there
+    await dev.remove_participant("r", "alice")
+    await trio.sleep(100)
+    await dev.remove_participant("r", "bob")
+    await dev.add_participant("r", "agent", kind=models.ParticipantInfo.AGENT)  # no matter
+    await dev.wait_until(lambda: "r" not in dev.rooms)
+    assert trio.current_time() - t0 == 210 + 20
+
+
+async def test_closing_by_itself_terminates_only_jobs_whose_agent_is_in_the_room(
+    dev: DevServer, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with raw_worker(dev) as ws:
+        await registered(ws)
+        t0 = trio.current_time()
+        await dev.create_room("r", empty_timeout=60)
+        await dev.create_dispatch("r", "")  # a second automatic-dispatch job
+        joined, absent = await offer(ws), await offer(ws)
+        await accept(ws, joined, identity="agent-in")
+        await accept(ws, absent, identity="agent-out")
+        await dev.add_participant("r", "agent-in", kind=models.ParticipantInfo.AGENT)
+        message = await receive(ws)  # at the empty timeout: the agent does not keep it open
+        assert message.termination.job_id == joined.id and trio.current_time() - t0 == 60
+        assert dev.jobs[joined.id].error == "agent worker left the room"
+        assert dev.jobs[absent.id].status == agent.JS_RUNNING
+        assert "r" not in dev.rooms
+        await expect_silence(ws)

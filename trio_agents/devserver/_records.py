@@ -132,4 +132,14 @@ class RoomInfo:
     participants: dict[str, models.ParticipantInfo] = attrs.field(factory=dict)
     publishers: set[str] = attrs.field(factory=set)
     job_ids: list[str] = attrs.field(factory=list)
+    had_participant: bool = False
+    """A non-agent participant joined once: an empty room then closes after
+    ``departure_timeout`` rather than ``empty_timeout``."""
+    _closer: trio.CancelScope = attrs.field(factory=trio.CancelScope, repr=False)
+    """Its deadline is when the room closes by itself (``inf`` while someone is there)."""
+
+    @property
+    def humans(self) -> int:
+        """Participants that keep the room open (not agents, not egress)."""
+        return self.room.num_participants
 

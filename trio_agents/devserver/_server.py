@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import math
 import random
 import time
 import types
@@ -63,6 +64,9 @@ SIMULATE_TIMEOUT: Final = 10.0
 AVAILABILITY_TIMEOUT: Final = 3.0
 DEPENDENT_KINDS: Final = (models.ParticipantInfo.AGENT, models.ParticipantInfo.EGRESS)
 AGENT_LEFT_ROOM: Final = "agent worker left the room"
+#: ``room.empty_timeout`` / ``room.departure_timeout`` defaults, seconds.
+EMPTY_TIMEOUT: Final = 300
+DEPARTURE_TIMEOUT: Final = 20
 NOT_FOUND: Final = b"404 page not found\n"
 
 
@@ -140,17 +144,21 @@ class DevServer:
 
     async def create_room(self, name: str, *,
                           agents: Iterable[agent_dispatch.RoomAgentDispatch] | None = None,
-                          metadata: str = "", empty_timeout: int = 300,
-                          departure_timeout: int = 20, max_participants: int = 0) -> models.Room:
+                          metadata: str = "", empty_timeout: int = 0,
+                          departure_timeout: int = 0, max_participants: int = 0) -> models.Room:
         """Create a room and request its JT_ROOM jobs at once; an existing room is returned
         unchanged (its agents and metadata are not touched), as livekit-server does.
 
         With no ``agents`` the room gets the default dispatch (agent name "": automatic
-        dispatch); with some, only those.
+        dispatch); with some, only those. It closes by itself ``empty_timeout`` seconds
+        (default 300) after creation if no one (agents aside) joins, or ``departure_timeout``
+        (default 20) after the last one left.
         """
         existing = self._rooms.get(name)
         if existing is not None:
             return existing.room
+        empty_timeout = empty_timeout or EMPTY_TIMEOUT  # 0: the server's default
+        departure_timeout = departure_timeout or DEPARTURE_TIMEOUT
         _check_size("room name", name, MAX_NAME_BYTES, allow_empty=False)
         _check_size("metadata", metadata, MAX_METADATA_BYTES)
         specs = list(agents or ())
@@ -162,6 +170,8 @@ class DevServer:
             departure_timeout=departure_timeout, max_participants=max_participants,
             creation_time=int(now), creation_time_ms=int(now * 1000)))
         self._rooms[name] = room
+        self._nursery.start_soon(self._close_when_idle, room)
+        room._closer.deadline = trio.current_time() + empty_timeout
         for spec in specs or [agent_dispatch.RoomAgentDispatch()]:
             self._add_dispatch(room, spec.agent_name, spec.metadata, dict(spec.attributes),
                                spec.deployment)
@@ -171,13 +181,34 @@ class DevServer:
 
     async def delete_room(self, name: str) -> None:
         """Close the room now: each running job of it gets ``JobTermination`` and ends
-        ``JS_FAILED`` ("agent worker left the room", as its agent is removed)."""
-        room = self._rooms.pop(name, None)
+        ``JS_FAILED`` ("agent worker left the room", as its agent is removed).
+
+        Every running job is terminated, not only those whose agent joined: agents cannot
+        join the dev server's rooms yet (no ``/rtc``), and on a real server they would have.
+        """
+        room = self._rooms.get(name)
         if room is None:
             raise TwirpError("not_found", "requested room does not exist")
+        await self._close_room(room, "deleted", every_job=True)
+
+    async def _close_when_idle(self, room: RoomInfo) -> None:
+        """Close the room at its deadline: ``empty_timeout`` after creation if no one came,
+        ``departure_timeout`` after the last participant left (agents do not count)."""
+        with room._closer:
+            await trio.sleep_forever()
+        if room._closer.cancelled_caught and self._rooms.get(room.room.name) is room:
+            await self._close_room(room, "closed: empty", every_job=False)
+
+    async def _close_room(self, room: RoomInfo, why: str, *, every_job: bool) -> None:
+        """``Room.Close``: participants removed; a job whose agent is in the room (or every
+        running job, for ``DeleteRoom``) gets ``JobTermination``; dispatches die with it."""
+        del self._rooms[room.room.name]
+        room._closer.deadline = -math.inf  # its idle task ends now
+        joined = set(room.participants)
         for job_id in room.job_ids:
-            await self._terminate(job_id, agent.JS_FAILED, AGENT_LEFT_ROOM)
-        logger.info("room %s deleted", name)
+            if every_job or self._jobs[job_id].participant_identity in joined:
+                await self._terminate(job_id, agent.JS_FAILED, AGENT_LEFT_ROOM)
+        logger.info("room %s %s", room.room.name, why)
         self._changed()
 
     async def create_dispatch(self, room: str, agent_name: str, *, metadata: str = "",
@@ -255,6 +286,8 @@ class DevServer:
         info.participants[identity] = participant
         if not _dependent(participant):
             info.room.num_participants += 1
+            info.had_participant = True
+            info._closer.deadline = math.inf
             for dispatch in info.dispatches.values():
                 self._launch(info, dispatch, agent.JT_PARTICIPANT, participant)
         self._changed()
@@ -290,6 +323,8 @@ class DevServer:
         participant = info.participants.pop(identity)
         if not _dependent(participant):
             info.room.num_participants -= 1
+            if info.humans == 0:
+                info._closer.deadline = trio.current_time() + info.room.departure_timeout
         if identity in info.publishers:
             info.publishers.discard(identity)
             info.room.num_publishers -= 1

@@ -56,8 +56,8 @@ def check_grant(claims: Claims | None, route: Route, request: Message) -> None:
 
 async def _create_room(dev: DevServer, req: room.CreateRoomRequest) -> Message:
     return await dev.create_room(req.name, agents=list(req.agents), metadata=req.metadata,
-                                 empty_timeout=req.empty_timeout or 300,
-                                 departure_timeout=req.departure_timeout or 20,
+                                 empty_timeout=req.empty_timeout,
+                                 departure_timeout=req.departure_timeout,
                                  max_participants=req.max_participants)
 
 
