@@ -1,15 +1,27 @@
 """trio_agents vs livekit-agents, on the same dev server, in the same run.
 
-    .venv/bin/python benchmarks/run.py [--quick] [--repeats N] [--interop-only]
+    .venv/bin/python benchmarks/run.py [--quick] [--repeats N] [--interop-only] [--no-chart]
 
 Creates benchmarks/.venv-peer with livekit-agents 1.8.x from PyPI if it is missing, starts
-trio_agents' dev server on loopback, then for each repeat runs the peer's agent and ours
-(alternating) through the same scenarios, each in production mode (`start`) with framework
-defaults and the same num_idle_processes. Prints one table with the ratio ours/peer, writes
+trio_agents' dev server on loopback inside this process, checks that the peer's own worker
+works against it (fails loudly if not), then for each repeat runs the peer's agent and ours
+(alternating which goes first) through the same scenarios, each as ``python agent.py start``
+with the same num_idle_processes. Prints one table with the ratio ours/peer, writes
 benchmarks/results/latest.json, and draws benchmarks/latest.png with the peer venv's
 matplotlib.
 
-Timestamps are time.monotonic(), system-wide on Linux: the dev server stamps the dispatch
+Two lives per agent and repeat:
+
+* framework defaults (nothing but ``num_idle_processes`` and a free health port): cold start,
+  idle memory after prewarm;
+* load threshold disabled (``load_fnc`` → 0, ``load_threshold`` = inf, so a busy 2-core
+  machine refuses nothing): sequential dispatch, burst, memory per running job, termination,
+  drain.
+
+A protocol-only worker (null_worker.py) runs the sequential scenario too: the floor that the
+dev server, websocket and protobuf put under any Python worker on this machine.
+
+Timestamps are ``time.monotonic()``, system-wide on Linux: the dev server stamps the dispatch
 timeline (offered, answered, assigned, ended), the agents append "started"/"finished" lines.
 """
 
@@ -17,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import signal
@@ -25,26 +38,29 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import psutil
 import trio
+from livekit.protocol import agent as agent_pb
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-PEER_VENV = HERE / ".venv-peer"
-PEER_PYTHON = PEER_VENV / "bin" / "python"
-PEER_REQUIREMENT = "livekit-agents~=1.8.9"
-RESULTS = HERE / "results"
-IDLE = 2
+HERE: Final = Path(__file__).resolve().parent
+ROOT: Final = HERE.parent
+PEER_VENV: Final = HERE / ".venv-peer"
+PEER_PYTHON: Final = PEER_VENV / "bin" / "python"
+PEER_REQUIREMENT: Final = "livekit-agents~=1.8.9"
+RESULTS: Final = HERE / "results"
+IDLE: Final = 2  # num_idle_processes for both (both frameworks' production default here)
 sys.path.insert(0, str(ROOT))
 
-from trio_agents.devserver import DevServer, open_dev_server  # noqa: E402
+from trio_agents.devserver import DevServer, JobInfo, open_dev_server  # noqa: E402
 
-POLL = 0.005  # how often the harness looks at the agents' event file (timestamps are theirs)
+POLL: Final = 0.005  # how often the harness reads the agents' event files (timestamps are theirs)
+SEQUENTIAL, SEQUENTIAL_QUICK = 50, 10
+BURST, LOADED, DRAINING = 20, 10, 5
 
 
 # -- environment --------------------------------------------------------------------------
@@ -55,7 +71,7 @@ def ensure_peer_venv() -> None:
             [str(PEER_PYTHON), "-c", "import livekit.agents, matplotlib"],
             capture_output=True).returncode == 0:
         return
-    print(f"creating {PEER_VENV} with {PEER_REQUIREMENT} (once)...", flush=True)
+    print(f"creating {PEER_VENV} with {PEER_REQUIREMENT} and matplotlib (once)...", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
     subprocess.run([str(PEER_VENV / "bin" / "pip"), "install", "-q", PEER_REQUIREMENT,
                     "matplotlib"], check=True)
@@ -68,14 +84,32 @@ def peer_version() -> str:
     return out.stdout.strip()
 
 
+class DevLog(logging.Handler):
+    """Keeps the dev server's log records: interop fails on a complaint about the peer."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def complaints(self, since: int = 0) -> list[str]:
+        words = ("closing worker", "ignored", "unexpected", "refused", "failed", "invalid")
+        return [r.getMessage() for r in self.records[since:]
+                if (r.levelno >= logging.WARNING or any(w in r.getMessage() for w in words))
+                and not r.getMessage().endswith(": websocket closed")]  # we killed it
+
+
 # -- processes --------------------------------------------------------------------------------
 
 
 class Agent:
-    def __init__(self, name: str, process: trio.Process, events: Path) -> None:
+    def __init__(self, name: str, process: trio.Process, workdir: Path) -> None:
         self.name = name
         self.process = process
-        self.events = events
+        self.workdir = workdir
+        self.events = workdir / "events.jsonl"
 
     def read_events(self) -> list[dict[str, Any]]:
         if not self.events.exists():
@@ -98,53 +132,101 @@ class Agent:
         except psutil.NoSuchProcess:
             return []
 
+    def log_tail(self, chars: int = 3000) -> str:
+        path = self.workdir / "agent.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
-def started(events: list[dict[str, Any]], job_id: str, kind: str = "started") -> float | None:
+
+def event_time(events: list[dict[str, Any]], job_id: str, kind: str = "started") -> float | None:
     return next((e["t"] for e in events if e["job_id"] == job_id and e["event"] == kind), None)
 
 
 @asynccontextmanager
 async def agent_process(name: str, dev: DevServer, *, no_load: bool) -> AsyncIterator[Agent]:
-    python, script = ((sys.executable, HERE / "ours_agent.py") if name == "ours"
-                      else (str(PEER_PYTHON), HERE / "peer_agent.py"))
+    """One agent server in its own session; its whole process tree is killed on the way out."""
+    if name == "ours":
+        argv = [sys.executable, str(HERE / "ours_agent.py"), "start", "--log-level",
+                os.environ.get("BENCH_LOG", "warn")]
+    elif name == "peer":
+        argv = [str(PEER_PYTHON), str(HERE / "peer_agent.py"), "start", "--log-level",
+                os.environ.get("BENCH_LOG", "warn")]
+    else:
+        argv = [sys.executable, str(HERE / "null_worker.py")]
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
-    events = workdir / "events.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEKIT_")}
     env.update(LIVEKIT_URL=dev.url, LIVEKIT_API_KEY=dev.api_key,
-               LIVEKIT_API_SECRET=dev.api_secret, BENCH_EVENTS=str(events),
+               LIVEKIT_API_SECRET=dev.api_secret, BENCH_EVENTS=str(workdir / "events.jsonl"),
                BENCH_IDLE=str(IDLE), PYTHONPATH=str(ROOT))
     if no_load:
         env["BENCH_NO_LOAD"] = "1"
-    log = (workdir / "agent.log").open("w")
-    process = await trio.lowlevel.open_process(
-        [python, str(script), "start", "--log-level", "warn"], env=env, stdout=log,
-        stderr=subprocess.STDOUT, start_new_session=True)
-    agent = Agent(name, process, events)
-    try:
-        yield agent
-    finally:
-        tree = agent.tree()
-        for proc in tree:
+    with (workdir / "agent.log").open("w") as log:
+        process = await trio.lowlevel.open_process(
+            argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        agent = Agent(name, process, workdir)
+        try:
+            yield agent
+        finally:
+            tree = agent.tree()
+            for proc in tree:
+                try:
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    pass
             try:
-                proc.kill()
-            except psutil.NoSuchProcess:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
                 pass
-        with trio.CancelScope(shield=True):
-            await process.wait()
-        psutil.wait_procs(tree, timeout=5)
-        log.close()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+            psutil.wait_procs(tree, timeout=5)
+
+
+def pss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return 0
 
 
 def tree_pss_mb(agent: Agent) -> float:
-    total = 0
+    return sum(pss_kib(p.pid) for p in agent.tree()) / 1024
+
+
+def pss_breakdown(agent: Agent, job_pids: Iterable[int] = ()) -> dict[str, float]:
+    """PSS (MiB) of the main process, the running jobs' processes and everything else."""
+    jobs = set(job_pids)
+    out = {"main": 0.0, "jobs": 0.0, "other": 0.0}
     for proc in agent.tree():
-        try:
-            for line in Path(f"/proc/{proc.pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            pass
-    return total / 1024
+        kind = ("main" if proc.pid == agent.process.pid else "jobs" if proc.pid in jobs
+                else "other")
+        out[kind] += pss_kib(proc.pid) / 1024
+    return out
+
+
+async def settle(agent: Agent, *, quiet: float = 1.0, limit: float = 20.0) -> None:
+    """Wait until the tree has kept the same processes and used < 1 % CPU for ``quiet`` s."""
+    def snapshot() -> tuple[frozenset[int], float]:
+        pids, cpu = set(), 0.0
+        for proc in agent.tree():
+            try:
+                times = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            pids.add(proc.pid)
+            cpu += times.user + times.system
+        return frozenset(pids), cpu
+
+    with trio.move_on_after(limit):
+        last = snapshot()
+        while True:
+            await trio.sleep(quiet)
+            now = snapshot()
+            if now[0] == last[0] and now[1] - last[1] < 0.01 * quiet:
+                return
+            last = now
 
 
 async def wait_pid_gone(pid: int) -> None:
@@ -159,216 +241,380 @@ async def wait_pid_gone(pid: int) -> None:
         os.close(fd)
 
 
+async def wait_registered(dev: DevServer, known: set[str], agent: Agent,
+                          timeout: float = 60) -> float:
+    """The dev server's registration stamp of the agent's worker."""
+    with trio.move_on_after(timeout):
+        await dev.wait_until(lambda: set(dev.workers) - known or agent.process.returncode
+                             is not None)
+    new = set(dev.workers) - known
+    if not new:
+        raise SystemExit(f"{agent.name}: no worker registered with the dev server within "
+                         f"{timeout:.0f} s (exit code {agent.process.returncode})\n"
+                         f"--- its log ---\n{agent.log_tail()}")
+    return dev.workers[next(iter(new))].registered_at
+
+
+def rooms_jobs(dev: DevServer, rooms: set[str]) -> list[JobInfo]:
+    return [j for j in dev.jobs.values() if j.room in rooms]
+
+
+async def dispatch_all(dev: DevServer, rooms: list[str], metadata: str) -> list[JobInfo]:
+    """Dispatch one job per room at once; the jobs that a worker got (dispatch over)."""
+    for room in rooms:
+        await dev.create_dispatch(room, "bench", metadata=metadata)
+    wanted = set(rooms)
+    with trio.fail_after(30):
+        await dev.wait_until(lambda: sum(1 for j in rooms_jobs(dev, wanted) if j.done)
+                             == len(rooms))
+    return [j for j in rooms_jobs(dev, wanted) if not j.dropped]
+
+
 # -- scenarios ----------------------------------------------------------------------------
 
 
-async def run_once(name: str, dev: DevServer, *, quick: bool, repeat: int) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    sequential = 10 if quick else 50
+async def run_defaults(name: str, dev: DevServer) -> dict[str, Any]:
+    """Framework defaults: cold start and idle memory after prewarm."""
     known = set(dev.workers)
     t_spawn = time.monotonic()
-    async with agent_process(name, dev, no_load=True) as agent:
-        with trio.fail_after(120):
-            await dev.wait_until(lambda: set(dev.workers) - known)
-        worker = dev.workers[next(iter(set(dev.workers) - known))]
-        result["cold_start_s"] = worker.registered_at - t_spawn
-        await trio.sleep(3)  # let both settle their idle processes
-        result["idle_tree_pss_mb"] = tree_pss_mb(agent)
-        result["idle_processes"] = len(agent.tree())
+    async with agent_process(name, dev, no_load=False) as agent:
+        registered = await wait_registered(dev, known, agent)
+        await settle(agent)
+        return {"cold_start_s": registered - t_spawn, "idle_tree_pss_mb": tree_pss_mb(agent),
+                "idle_processes": len(agent.tree()), "idle_pss": pss_breakdown(agent)}
 
-        prefix = f"{name}{repeat}"
-        offer_answer, assign_started, offer_started, dropped = [], [], [], 0
-        for n in range(sequential):
-            room = f"{prefix}-seq-{n}"
-            await dev.create_dispatch(room, "bench", metadata="ok")
-            await dev.wait_until(lambda: any(j.room == room and (j.ended or j.dropped)
-                                             for j in dev.jobs.values()))
-            job = next(j for j in dev.jobs.values() if j.room == room)
-            if job.dropped:
-                dropped += 1
-                continue
-            events = await agent.wait_events(lambda ev: started(ev, job.job.id) is not None)
-            t_started = started(events, job.job.id)
-            assert t_started is not None
-            offer_answer.append(job.answered_at - job.offered_at)
-            assign_started.append(t_started - job.assigned_at)
-            offer_started.append(t_started - job.offered_at)
+
+async def sequential(agent: Agent, dev: DevServer, prefix: str, count: int) -> dict[str, Any]:
+    """One job at a time; each ends at once. The next is dispatched when the last ended."""
+    out: dict[str, Any] = {"seq_offer_answer": [], "seq_answer_assign": [],
+                           "seq_assign_started": [], "seq_offer_started": [], "seq_dropped": 0}
+    for n in range(count):
+        room = f"{prefix}-seq-{n}"
+        jobs = await dispatch_all(dev, [room], "ok")
+        if not jobs:
+            out["seq_dropped"] += 1
+            continue
+        job = jobs[0]
+        events = await agent.wait_events(lambda ev: event_time(ev, job.job.id) is not None)
+        t_started = event_time(events, job.job.id)
+        assert t_started is not None
+        out["seq_offer_answer"].append(job.answered_at - job.offered_at)
+        out["seq_answer_assign"].append(job.assigned_at - job.answered_at)
+        out["seq_assign_started"].append(t_started - job.assigned_at)
+        out["seq_offer_started"].append(t_started - job.offered_at)
+        with trio.fail_after(30):
             await dev.wait_until(lambda: job.ended)
-        result.update(seq_offer_answer=offer_answer, seq_assign_started=assign_started,
-                      seq_offer_started=offer_started, seq_dropped=dropped)
-        await trio.sleep(2)  # idle pool refilled
+    return out
 
-        burst = [f"{prefix}-burst-{n}" for n in range(20)]
+
+async def run_loaded(name: str, dev: DevServer, *, sequential_jobs: int,
+                     repeat: int) -> dict[str, Any]:
+    """Load threshold disabled: sequential, burst, per-job memory, termination, drain."""
+    result: dict[str, Any] = {}
+    known = set(dev.workers)
+    t_spawn = time.monotonic()
+    prefix = f"{name}{repeat}"
+    async with agent_process(name, dev, no_load=True) as agent:
+        result["cold_start_noload_s"] = await wait_registered(dev, known, agent) - t_spawn
+        await settle(agent)
+        result.update(await sequential(agent, dev, prefix, sequential_jobs))
+        await settle(agent)
+
+        rooms = [f"{prefix}-burst-{n}" for n in range(BURST)]
         t_burst = time.monotonic()
-        for room in burst:
-            await dev.create_dispatch(room, "bench", metadata="sleep:1")
-        await dev.wait_until(lambda: sum(1 for j in dev.jobs.values()
-                                         if j.room in burst and (j.ended or j.dropped)) == 20)
-        jobs = [j for j in dev.jobs.values() if j.room in burst]
-        ok = [j for j in jobs if not j.dropped]
+        jobs = await dispatch_all(dev, rooms, "sleep:1")
         events = await agent.wait_events(
-            lambda ev: all(started(ev, j.job.id, "finished") for j in ok), timeout=60)
-        result["burst_dropped"] = len(jobs) - len(ok)
-        result["burst_all_started_s"] = max(started(events, j.job.id) or math.nan for j in ok) - t_burst
-        result["burst_all_finished_s"] = max(j.ended_at for j in ok) - t_burst
-        await trio.sleep(2)
+            lambda ev: all(event_time(ev, j.job.id, "finished") for j in jobs), timeout=60)
+        with trio.fail_after(30):
+            await dev.wait_until(lambda: all(j.ended for j in jobs))
+        starts = [event_time(events, j.job.id) or math.nan for j in jobs]
+        result["burst_dropped"] = BURST - len(jobs)
+        result["burst_started"] = sorted(t - t_burst for t in starts)
+        result["burst_last_offered_s"] = max(j.offered_at for j in jobs) - t_burst
+        result["burst_all_started_s"] = max(starts) - t_burst
+        result["burst_all_finished_s"] = max(j.ended_at for j in jobs) - t_burst
+        await settle(agent)
 
-        loaded = [f"{prefix}-mem-{n}" for n in range(10)]
-        for room in loaded:
-            await dev.create_dispatch(room, "bench", metadata="sleep:600")
-        jobs = []
-        await dev.wait_until(lambda: sum(1 for j in dev.jobs.values() if j.room in loaded
-                                         and j.done) == 10)
-        jobs = [j for j in dev.jobs.values() if j.room in loaded and not j.dropped]
-        await agent.wait_events(lambda ev: all(started(ev, j.job.id) for j in jobs))
-        await trio.sleep(2)
-        result["tree_pss_10_jobs_mb"] = tree_pss_mb(agent)
-        result["per_job_pss_mb"] = (result["tree_pss_10_jobs_mb"] - result["idle_tree_pss_mb"]) / max(len(jobs), 1)
-        for room in loaded:
+        baseline = tree_pss_mb(agent)
+        before = pss_breakdown(agent)
+        rooms = [f"{prefix}-mem-{n}" for n in range(LOADED)]
+        jobs = await dispatch_all(dev, rooms, "sleep:600")
+        events = await agent.wait_events(lambda ev: all(event_time(ev, j.job.id) for j in jobs))
+        await settle(agent)
+        pids = {e["pid"] for e in events if e["job_id"] in {j.job.id for j in jobs}}
+        loaded = tree_pss_mb(agent)
+        after = pss_breakdown(agent, pids)
+        result.update(
+            pss_before_10_jobs_mb=baseline, tree_pss_10_jobs_mb=loaded,
+            per_job_pss_mb=(loaded - baseline) / max(len(jobs), 1),
+            pss_before_breakdown=before, pss_10_jobs_breakdown=after,
+            main_pss_growth_per_job_mb=(after["main"] - before["main"]) / max(len(jobs), 1),
+            job_process_pss_mb=after["jobs"] / max(len(pids), 1))
+        for room in rooms:
             await dev.delete_room(room)
-        await dev.wait_until(lambda: all(j.ended for j in jobs))
-        await trio.sleep(3)
+        with trio.fail_after(60):
+            await dev.wait_until(lambda: all(j.ended for j in jobs))
+            while any(pid in {p.pid for p in agent.tree()} for pid in pids):
+                await trio.sleep(0.05)
+        await settle(agent)
 
         room = f"{prefix}-term"
-        await dev.create_dispatch(room, "bench", metadata="sleep:600")
-        await dev.wait_until(lambda: any(j.room == room and j.done for j in dev.jobs.values()))
-        job = next(j for j in dev.jobs.values() if j.room == room)
-        events = await agent.wait_events(lambda ev: started(ev, job.job.id) is not None)
+        (job,) = await dispatch_all(dev, [room], "sleep:600")
+        events = await agent.wait_events(lambda ev: event_time(ev, job.job.id) is not None)
         pid = next(e["pid"] for e in events if e["job_id"] == job.job.id)
         t_term = time.monotonic()
-        await dev.delete_room(room)
+        await dev.delete_room(room)  # JobTermination to the worker
         with trio.fail_after(60):
             await wait_pid_gone(pid)
         result["termination_s"] = time.monotonic() - t_term
-        await trio.sleep(2)
+        await settle(agent)
 
-        draining = [f"{prefix}-drain-{n}" for n in range(5)]
-        for room in draining:
-            await dev.create_dispatch(room, "bench", metadata="sleep:3")
-        await dev.wait_until(lambda: sum(1 for j in dev.jobs.values() if j.room in draining
-                                         and j.done) == 5)
-        jobs = [j for j in dev.jobs.values() if j.room in draining and not j.dropped]
-        await agent.wait_events(lambda ev: all(started(ev, j.job.id) for j in jobs))
+        rooms = [f"{prefix}-drain-{n}" for n in range(DRAINING)]
+        jobs = await dispatch_all(dev, rooms, "sleep:3")
+        await agent.wait_events(lambda ev: all(event_time(ev, j.job.id) for j in jobs))
         t_sigterm = time.monotonic()
         agent.process.send_signal(signal.SIGTERM)
         with trio.fail_after(120):
             await agent.process.wait()
-        result["drain_exit_s"] = time.monotonic() - t_sigterm
+        t_exit = time.monotonic()
         events = agent.read_events()
-        result["drain_finished"] = sum(1 for j in jobs if started(events, j.job.id, "finished"))
+        finished = [t for j in jobs if (t := event_time(events, j.job.id, "finished"))]
+        result["drain_exit_s"] = t_exit - t_sigterm
+        result["drain_finished"] = len(finished)
+        result["drain_after_last_job_s"] = t_exit - max(finished, default=t_sigterm)
+        result["drain_exit_code"] = agent.process.returncode
     return result
 
 
-async def interop(dev: DevServer) -> None:
-    """The peer's real client against our dev server: register, dispatch, accept, run, report."""
-    async with agent_process("peer", dev, no_load=True) as agent:
-        with trio.fail_after(120):
-            await dev.wait_until(lambda: len(dev.workers) > 0)
+async def run_floor(dev: DevServer, *, sequential_jobs: int, repeat: int) -> dict[str, Any]:
+    known = set(dev.workers)
+    async with agent_process("null", dev, no_load=True) as agent:
+        await wait_registered(dev, known, agent)
+        await trio.sleep(0.5)
+        return await sequential(agent, dev, f"null{repeat}", sequential_jobs)
+
+
+async def interop(dev: DevServer, devlog: DevLog) -> str:
+    """The peer's real client against our dev server: register, dispatch, accept, run, report.
+
+    Raises SystemExit (non-zero exit, the reason, the dev server's complaints, the peer's log)
+    if anything the real client sends is refused or the job does not go through."""
+    since = len(devlog.records)
+    known = set(dev.workers)
+    async with agent_process("peer", dev, no_load=False) as agent:
+        await wait_registered(dev, known, agent, timeout=120)
+        worker = dev.workers[next(iter(set(dev.workers) - known))]
+        problems: list[str] = []
         await dev.create_dispatch("interop", "bench", metadata="ok")
-        with trio.fail_after(60):
+        with trio.move_on_after(60):
             await dev.wait_until(lambda: any(j.room == "interop" and (j.ended or j.dropped)
                                              for j in dev.jobs.values()))
-        job = next(j for j in dev.jobs.values() if j.room == "interop")
-        problems = []
-        if job.dropped:
+        job = next((j for j in dev.jobs.values() if j.room == "interop"), None)
+        if job is None:
+            problems.append("the dev server created no job for the dispatch")
+        elif job.dropped:
             problems.append(f"job dropped: {job.dropped}")
+        elif not job.ended:
+            problems.append(f"job never ended; statuses seen: {job.history}")
         elif job.status_name != "JS_SUCCESS":
             problems.append(f"job ended {job.status_name}: {job.error!r}")
-        if not await_started(agent, job.job.id):
+        if job is not None and event_time(agent.read_events(), job.job.id) is None:
             problems.append("the peer's entrypoint never reported 'started'")
+        if worker.id not in dev.workers:
+            problems.append("the dev server dropped the peer's connection")
+        complaints = devlog.complaints(since)
+        if complaints:
+            problems.append("the dev server complained: " + " | ".join(complaints))
         if problems:
-            log = (agent.events.parent / "agent.log").read_text()[-3000:]
-            raise SystemExit("INTEROP FAILED: " + "; ".join(problems) + "\n--- peer log ---\n" + log)
-        print(f"interop: livekit-agents {peer_version()} registered with the dev server, was "
-              f"dispatched job {job.job.id}, accepted it, ran it and reported "
-              f"{job.history} -> {job.status_name}", flush=True)
-
-
-def await_started(agent: Agent, job_id: str) -> bool:
-    return started(agent.read_events(), job_id) is not None
+            raise SystemExit("INTEROP FAILED (livekit-agents' worker vs our dev server): "
+                             + "; ".join(problems) + f"\n--- peer log ---\n{agent.log_tail()}")
+        assert job is not None
+        return (f"interop OK: livekit-agents {peer_version()} registered (worker {worker.id}, "
+                f"version {worker.version!r}, agent {worker.agent_name!r}), was offered job {job.job.id}, accepted it "
+                f"(identity {job.participant_identity!r}), ran it and reported "
+                f"{[agent_pb.JobStatus.Name(s) for s in job.history]}"
+                "; the dev server logged no complaint")
 
 
 # -- report -------------------------------------------------------------------------------
 
 
 def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
     if not values:
         return math.nan
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
+
+
+LATENCIES: Final = ("seq_offer_answer", "seq_answer_assign", "seq_assign_started",
+                    "seq_offer_started")
+SCALARS: Final = ("cold_start_s", "idle_tree_pss_mb", "idle_processes", "cold_start_noload_s",
+                  "per_job_pss_mb", "main_pss_growth_per_job_mb", "job_process_pss_mb",
+                  "burst_last_offered_s", "burst_all_started_s", "burst_all_finished_s",
+                  "termination_s", "drain_exit_s", "drain_after_last_job_s")
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
-    def median(key: str) -> float:
-        return statistics.median(r[key] for r in runs)
-
-    merged: dict[str, list[float]] = {}
-    for key in ("seq_offer_answer", "seq_assign_started", "seq_offer_started"):
-        merged[key] = [v for r in runs for v in r[key]]
-    out = {k: median(k) for k in ("cold_start_s", "idle_tree_pss_mb", "per_job_pss_mb",
-                                  "burst_all_started_s", "burst_all_finished_s",
-                                  "termination_s", "drain_exit_s")}
-    for key, values in merged.items():
-        for q, label in ((0.5, "p50"), (0.9, "p90"), (0.99, "p99")):
-            out[f"{key}_{label}_ms"] = pct(values, q) * 1000
-        out[f"{key}_max_ms"] = max(values) * 1000 if values else math.nan
-    out["dropped_jobs"] = sum(r["seq_dropped"] + r["burst_dropped"] for r in runs)
-    out["drain_unfinished"] = sum(5 - r["drain_finished"] for r in runs)
+    """Scalars: median over repeats. Latencies: percentiles over every job of every repeat."""
+    out: dict[str, float] = {}
+    for key in SCALARS:
+        values = [r[key] for r in runs if key in r]
+        if values:
+            out[key] = statistics.median(values)
+    for key in LATENCIES:
+        values = [v for r in runs for v in r.get(key, [])]
+        if values:
+            for q, label in ((0.5, "p50"), (0.9, "p90"), (0.99, "p99"), (1.0, "max")):
+                out[f"{key}_{label}_ms"] = pct(values, q) * 1000
+    out["dropped_jobs"] = sum(r.get("seq_dropped", 0) + r.get("burst_dropped", 0) for r in runs)
+    out["drain_unfinished"] = sum(DRAINING - r["drain_finished"] for r in runs
+                                  if "drain_finished" in r)
     return out
 
 
-TARGETS = {  # ratio ours/peer must be at most this (termination: absolute seconds)
-    "cold_start_s": 0.25, "seq_offer_started_p50_ms": 0.25, "seq_offer_started_p99_ms": 0.15,
-    "burst_all_started_s": 0.3, "idle_tree_pss_mb": 0.25, "per_job_pss_mb": 0.5,
-}
+#: key, label, target (ratio ours/peer; termination: absolute seconds for ours)
+ROWS: Final[list[tuple[str, str, float | None]]] = [
+    ("cold_start_s", "cold start: process start → registered (s)", 0.25),
+    ("idle_tree_pss_mb", "idle tree PSS after prewarm (MiB)", 0.25),
+    ("idle_processes", "processes in the idle tree", None),
+    ("per_job_pss_mb", "PSS per running job, 10 jobs (MiB)", 0.5),
+    ("seq_offer_answer_p50_ms", "AvailabilityRequest → Response p50 (ms)", None),
+    ("seq_offer_answer_p99_ms", "AvailabilityRequest → Response p99 (ms)", None),
+    ("seq_assign_started_p50_ms", "JobAssignment → entrypoint p50 (ms)", None),
+    ("seq_assign_started_p90_ms", "JobAssignment → entrypoint p90 (ms)", None),
+    ("seq_assign_started_p99_ms", "JobAssignment → entrypoint p99 (ms)", None),
+    ("seq_assign_started_max_ms", "JobAssignment → entrypoint max (ms)", None),
+    ("seq_offer_started_p50_ms", "AvailabilityRequest → entrypoint p50 (ms)", 0.25),
+    ("seq_offer_started_p90_ms", "AvailabilityRequest → entrypoint p90 (ms)", None),
+    ("seq_offer_started_p99_ms", "AvailabilityRequest → entrypoint p99 (ms)", 0.15),
+    ("seq_offer_started_max_ms", "AvailabilityRequest → entrypoint max (ms)", None),
+    ("burst_all_started_s", "burst of 20: all started (s)", 0.3),
+    ("burst_all_finished_s", "burst of 20: all finished (s)", None),
+    ("termination_s", "JobTermination of a sleeping job → process gone (s)", 0.5),
+    ("drain_exit_s", "drain, 5 jobs sleeping 3 s: SIGTERM → exit (s)", None),
+    ("drain_after_last_job_s", "drain: last job finished → exit (s)", None),
+]
+
+
+def verdicts(ours: dict[str, float], peer: dict[str, float]) -> dict[str, bool]:
+    out = {}
+    for key, _, target in ROWS:
+        if target is None:
+            continue
+        if key == "termination_s":
+            out[key] = ours[key] <= target
+        else:
+            out[key] = ours[key] / peer[key] <= target
+    return out
+
+
+def fmt(value: float) -> str:
+    if math.isnan(value):
+        return "–"
+    if value == int(value) and abs(value) >= 1:
+        return str(int(value))
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:.1f}"
 
 
 def table(ours: dict[str, float], peer: dict[str, float]) -> str:
+    met = verdicts(ours, peer)
     rows = ["| metric | trio_agents | livekit-agents | ours/peer | target |",
             "| --- | ---: | ---: | ---: | --- |"]
-    for key in ours:
-        a, b = ours[key], peer[key]
+    for key, label, target in ROWS:
+        a, b = ours.get(key, math.nan), peer.get(key, math.nan)
         ratio = a / b if b else math.nan
-        target = TARGETS.get(key)
         verdict = ""
         if target is not None:
-            verdict = f"≤ {target} {'met' if ratio <= target else 'missed'}"
-        if key == "termination_s":
-            verdict = f"≤ 0.5 s {'met' if a <= 0.5 else 'missed'}"
-        rows.append(f"| {key} | {a:.3f} | {b:.3f} | {ratio:.3f} | {verdict} |")
+            unit = " s absolute" if key == "termination_s" else ""
+            verdict = f"≤ {target}{unit}: {'**met**' if met[key] else '**missed**'}"
+        rows.append(f"| {label} | {fmt(a)} | {fmt(b)} | {ratio:.2f} | {verdict} |")
+    return "\n".join(rows)
+
+
+def floor_table(floor: dict[str, float], ours: dict[str, float],
+                peer: dict[str, float]) -> str:
+    """What the dev server and the wire cost any worker, and the ratio without it."""
+    rows = ["| AvailabilityRequest → started (ms) | protocol-only worker | trio_agents "
+            "| livekit-agents | ours/peer | (ours − floor)/(peer − floor) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for q in ("p50", "p90", "p99"):
+        key = f"seq_offer_started_{q}_ms"
+        f, a, b = floor[key], ours[key], peer[key]
+        rows.append(f"| {q} | {fmt(f)} | {fmt(a)} | {fmt(b)} | {a / b:.2f} | "
+                    f"{(a - f) / (b - f):.2f} |")
+    key = "seq_answer_assign_p50_ms"
+    rows.append(f"| dev server: Response received → JobAssignment sent, p50 | {fmt(floor[key])} "
+                f"| {fmt(ours[key])} | {fmt(peer[key])} | | |")
     return "\n".join(rows)
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="1 repeat, 10 sequential jobs")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"1 repeat, {SEQUENTIAL_QUICK} sequential jobs")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--interop-only", action="store_true")
+    parser.add_argument("--interop-only", action="store_true",
+                        help="only check the peer's worker against our dev server")
+    parser.add_argument("--no-chart", action="store_true")
     args = parser.parse_args()
     ensure_peer_venv()
-    repeats = 1 if args.quick else args.repeats
+    repeats = 1 if args.quick else max(1, args.repeats)
+    sequential_jobs = SEQUENTIAL_QUICK if args.quick else SEQUENTIAL
+    devlog = DevLog()
+    logging.getLogger("trio_agents.devserver").addHandler(devlog)
+    logging.getLogger("trio_agents.devserver").setLevel(logging.INFO)
+    t_start = time.monotonic()
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "peer": [], "floor": []}
     async with open_dev_server(host="127.0.0.1", port=0) as dev:
-        await interop(dev)
+        interop_text = await interop(dev, devlog)
+        print(interop_text, flush=True)
         if args.interop_only:
             return
-        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "peer": []}
         for repeat in range(repeats):
-            for name in (("peer", "ours") if repeat % 2 else ("ours", "peer")):
-                print(f"repeat {repeat + 1}/{repeats}: {name}...", flush=True)
-                runs[name].append(await run_once(name, dev, quick=args.quick, repeat=repeat))
-    ours, peer = summarise(runs["ours"]), summarise(runs["peer"])
-    cores = os.cpu_count()
-    header = (f"{time.strftime('%Y-%m-%d')}, {cores} cores, {repeats} repeat(s), "
-              f"num_idle_processes={IDLE}, livekit-agents {peer_version()}; load threshold "
-              "disabled (load_fnc 0, threshold inf) for every scenario so both servers take "
-              "every job")
+            order = ("peer", "ours") if repeat % 2 else ("ours", "peer")
+            for name in order:
+                print(f"repeat {repeat + 1}/{repeats}: {name}, framework defaults...", flush=True)
+                runs[name].append(await run_defaults(name, dev))
+            for name in order:
+                print(f"repeat {repeat + 1}/{repeats}: {name}, load threshold disabled...",
+                      flush=True)
+                runs[name][-1].update(await run_loaded(name, dev, sequential_jobs=sequential_jobs,
+                                                       repeat=repeat))
+            print(f"repeat {repeat + 1}/{repeats}: protocol-only worker...", flush=True)
+            runs["floor"].append(await run_floor(dev, sequential_jobs=sequential_jobs,
+                                                 repeat=repeat))
+    complaints = devlog.complaints()
+    ours, peer, floor = (summarise(runs[n]) for n in ("ours", "peer", "floor"))
+    header = (f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, Python "
+              f"{sys.version.split()[0]}, {repeats} repeat(s), {sequential_jobs} sequential jobs "
+              f"per repeat, num_idle_processes={IDLE} for both, livekit-agents {peer_version()}; "
+              "cold start and idle memory with framework defaults, every other scenario with the "
+              "load threshold disabled (load_fnc → 0, load_threshold = inf) so both take every "
+              "job on a busy 2-core machine")
+    print()
     print(header)
+    print()
     print(table(ours, peer))
+    print()
+    print(floor_table(floor, ours, peer))
+    print()
+    met = verdicts(ours, peer)
+    print(f"targets met: {sum(met.values())}/{len(met)}; dropped jobs: ours "
+          f"{ours['dropped_jobs']:.0f}, peer {peer['dropped_jobs']:.0f}; unfinished jobs at "
+          f"drain: ours {ours['drain_unfinished']:.0f}, peer {peer['drain_unfinished']:.0f}; "
+          f"dev server complaints during the run: {len(complaints)}; "
+          f"{time.monotonic() - t_start:.0f} s")
+    for text in complaints[:10]:
+        print("  dev server:", text)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(
-        {"header": header, "ours": ours, "peer": peer, "runs": runs}, indent=1))
-    subprocess.run([str(PEER_PYTHON), str(HERE / "chart.py"), str(RESULTS / "latest.json"),
-                    str(HERE / "latest.png")], check=False)
+        {"header": header, "interop": interop_text, "ours": ours, "peer": peer, "floor": floor,
+         "targets_met": met, "table": table(ours, peer), "floor_table": floor_table(
+             floor, ours, peer), "dev_server_complaints": complaints, "runs": runs}, indent=1))
+    if not args.no_chart:
+        subprocess.run([str(PEER_PYTHON), str(HERE / "chart.py"), str(RESULTS / "latest.json"),
+                        str(HERE / "latest.png")], check=False)
 
 
 if __name__ == "__main__":
