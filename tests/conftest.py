@@ -8,6 +8,22 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
+import netns
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # First, before any thread or child process exists (see tests/netns.py).
+    netns.enter_private_network()
+
+
+@pytest.fixture(scope="session")
+def rtc_address() -> str:
+    """A non-loopback address for WebRTC (ICE never uses loopback); fails, never skips."""
+    address, why = netns.rtc_address()
+    if address is None:
+        pytest.fail(why, pytrace=False)
+    return address
+
 
 def _open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")} if os.path.isdir("/proc/self/fd") else set()

@@ -289,7 +289,12 @@ async def test_sigkill_of_the_server_leaves_no_process_behind() -> None:
     try:
         assert server.stdout is not None
         with trio.fail_after(20):
-            assert await server.stdout.receive_some() == b"ready\n"
+            line = b""
+            while not line.endswith(b"\n"):  # a pipe may hand the line over in pieces
+                chunk = await server.stdout.receive_some()
+                assert chunk, f"the server exited before it was ready: {line!r}"
+                line += chunk
+            assert line == b"ready\n"
         # server + idle + initializing + busy job + its 2 grandchildren + 2 reapers (the
         # grandchildren may still be starting when the launch returned)
         with trio.fail_after(10):
