@@ -95,15 +95,25 @@ def open_fds() -> int:
 class LogWatch(logging.Handler):
     """Collects log records (ours and those shipped by job processes) and lets a test await one.
 
-    Records re-emitted from job processes arrive on the trio thread, so a ``trio.Event`` works.
+    Records re-emitted from job processes arrive on the trio thread; those of other threads
+    (the realtime SDK's native side) wake the waiters through the trio token.
     """
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.records: list[logging.LogRecord] = []
         self._changed = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
 
     def emit(self, record: logging.LogRecord) -> None:
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            self._token.run_sync_soon(self._add, record)
+        else:
+            self._add(record)
+
+    def _add(self, record: logging.LogRecord) -> None:
         self.records.append(record)
         self._changed.set()
         self._changed = trio.Event()

@@ -8,12 +8,17 @@ Define ``async def entrypoint(ctx: JobContext)``, register it with
 Everything public is re-exported here; modules starting with ``_`` are private.
 """
 
+from ._context import DEFAULT_PARTICIPANT_KINDS as DEFAULT_PARTICIPANT_KINDS
+from ._context import AutoSubscribe as AutoSubscribe
 from ._context import JobContext as JobContext
 from ._context import JobProcess as JobProcess
+from ._context import ParticipantKind as ParticipantKind
 from ._context import get_job_context as get_job_context
 from ._errors import AssignmentTimeoutError as AssignmentTimeoutError
 from ._errors import AuthenticationError as AuthenticationError
 from ._errors import ConfigError as ConfigError
+from ._errors import MissingExtraError as MissingExtraError
+from ._errors import RoomConnectError as RoomConnectError
 from ._errors import ServerConnectionError as ServerConnectionError
 from ._errors import TrioAgentsError as TrioAgentsError
 from ._jobs import JobAcceptArguments as JobAcceptArguments
@@ -32,7 +37,9 @@ from ._server import Worker as Worker
 from ._version import __version__ as __version__
 
 __all__ = [
+    "DEFAULT_PARTICIPANT_KINDS",
     "AgentServer",
+    "AutoSubscribe",
     "AssignmentTimeoutError",
     "AuthenticationError",
     "ConfigError",
@@ -41,7 +48,10 @@ __all__ = [
     "JobExecutorType",
     "JobProcess",
     "JobRequest",
+    "MissingExtraError",
+    "ParticipantKind",
     "Plugin",
+    "RoomConnectError",
     "RunningJobInfo",
     "ServerConnectionError",
     "ServerEnvOption",

@@ -9,10 +9,11 @@ Life of a job process (the same loop runs on a thread for ``JobExecutorType.THRE
     trio.run:
         answer Ping with Pong; EOF from the server = it is gone: exit at once
         receive StartJob → send JobStarted → await entrypoint(ctx)
-        the job ends when the entrypoint returns, ctx.shutdown(reason) is called, or a
-        ShutdownRequest arrives (the last two cancel the entrypoint)
-        on_session_end(ctx) (≤ session_end_timeout), then every shutdown callback
-        concurrently (each ≤ its timeout; a failing one does not stop the others)
+        the job ends when ctx.shutdown(reason) is called, a ShutdownRequest arrives, or the
+        room disconnects (each cancels the entrypoint), or when the entrypoint returns
+        without having joined the room (ctx.connect())
+        on_session_end(ctx) (≤ session_end_timeout), leave the room, then every shutdown
+        callback concurrently (each ≤ its timeout; a failing one does not stop the others)
         send JobFinished(outcome, error, user_initiated, reason)
     exit 0
 
@@ -278,35 +279,51 @@ class _Job:
     async def _run_job(self, start: _ipc.StartJob,
                        send: trio.MemorySendChannel[_ipc.Message]) -> None:
         info = start.to_info()
-        ctx = JobContext(
-            proc=self.proc, info=info, on_shutdown=self.user_shutdown,
-            api_credentials=(info.url or self.req.ws_url, self.req.api_key, self.req.api_secret),
-        )
-        if self.handler is not None:
-            self.handler.ctx = ctx
-        set_job_context(ctx)
-        # Written before the entrypoint runs (not queued): an entrypoint that blocks its thread
-        # at once must still be seen as started.
-        await self.chan.send(_ipc.JobStarted())
-        outcome, error = _ipc.SUCCESS, ""
-        with self.entry_scope:
-            try:
-                await self.functions.entrypoint(ctx)
-            except Exception as exc:
-                outcome, error = _ipc.FAILED, _describe(exc)
-                logger.exception("the entrypoint of job %s raised %s", info.job.id, error)
-        if self.stop_reason is not None:
-            reason, user_initiated = self.stop_reason
-        else:
-            reason = "entrypoint returned" if outcome == _ipc.SUCCESS else "job crashed"
-            user_initiated = False
-        await self._wind_down(ctx, reason)
+        # The job's services (the room's asyncio bridge) live in this nursery and end with it.
+        async with trio.open_nursery() as services:
+            ctx = JobContext(
+                proc=self.proc, info=info, on_shutdown=self.user_shutdown,
+                api_credentials=(info.url or self.req.ws_url, self.req.api_key,
+                                 self.req.api_secret),
+                services=services, on_room_closed=self._room_closed,
+                # A job process exits right after the job: a connect still settling dies
+                # with it. On a thread, the server process lives on, so it is waited for.
+                abandon_pending_connects=not self.in_thread,
+            )
+            if self.handler is not None:
+                self.handler.ctx = ctx
+            set_job_context(ctx)
+            # Written before the entrypoint runs (not queued): an entrypoint that blocks its
+            # thread at once must still be seen as started.
+            await self.chan.send(_ipc.JobStarted())
+            outcome, error = _ipc.SUCCESS, ""
+            with self.entry_scope:
+                try:
+                    await self.functions.entrypoint(ctx)
+                    if ctx.is_connected():
+                        # In the room, the job goes on after the entrypoint returns: until
+                        # ctx.shutdown(), a termination, or the room disconnecting.
+                        await trio.sleep_forever()
+                except Exception as exc:
+                    outcome, error = _ipc.FAILED, _describe(exc)
+                    logger.exception("the entrypoint of job %s raised %s", info.job.id, error)
+            if self.stop_reason is not None:
+                reason, user_initiated = self.stop_reason
+            else:
+                reason = "entrypoint returned" if outcome == _ipc.SUCCESS else "job crashed"
+                user_initiated = False
+            await self._wind_down(ctx, reason)
+            services.cancel_scope.cancel()
         if self.outbox.dropped:
             logger.warning("%d log records of this job were dropped (log buffer full)",
                            self.outbox.dropped)
         await send.send(_ipc.JobFinished(outcome=outcome, error=error,
                                          user_initiated=user_initiated, reason=reason))
         self.done.set()
+
+    def _room_closed(self, reason: str) -> None:
+        """The job's room disconnected without us asking: the job is over."""
+        self.request_stop(reason, False)
 
     async def _wind_down(self, ctx: JobContext, reason: str) -> None:
         session_end = self.functions.session_end
@@ -319,6 +336,7 @@ class _Job:
                     logger.exception("on_session_end failed")
             if scope.cancelled_caught:
                 logger.warning("on_session_end did not finish within %.1f s; cancelled", timeout)
+        await ctx.close_room()
         callbacks = ctx.shutdown_callbacks
         if callbacks:
             async with trio.open_nursery() as nursery:

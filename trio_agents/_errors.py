@@ -66,3 +66,11 @@ class JobProcessError(TrioAgentsError):
 
 class InitializeTimeout(JobProcessError, TimeoutError):
     """``setup_fnc`` did not finish within ``initialize_process_timeout``."""
+
+
+class MissingExtraError(TrioAgentsError, ImportError):
+    """An optional feature was used without the extra that provides it; the message names it."""
+
+
+class RoomConnectError(TrioAgentsError):
+    """Joining a LiveKit room failed (the server refused the token, or WebRTC did not connect)."""

@@ -1,0 +1,89 @@
+"""The trio room face without a server: event fan-out, callbacks, the missing extra."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import trio
+
+from trio_agents import MissingExtraError
+from trio_agents.room import Room, RoomEvent
+
+
+async def test_events_fan_out_filter_and_end_with_the_room() -> None:
+    room = Room()
+    everything = room.events()
+    joins = room.events("participant_connected")
+    seen: list[tuple[object, ...]] = []
+    room.on("participant_connected", lambda *args: seen.append(args))
+    room._from_sdk("participant_connected", "p1")
+    room._from_sdk("room_metadata_changed", "", "m")
+    room._from_sdk("disconnected", 1)
+    assert [e async for e in everything] == [
+        RoomEvent("participant_connected", ("p1",)),
+        RoomEvent("room_metadata_changed", ("", "m")),
+        RoomEvent("disconnected", (1,)),
+    ]
+    assert [e async for e in joins] == [RoomEvent("participant_connected", ("p1",))]
+    assert seen == [("p1",)]
+    assert room.disconnect_reason == 1
+    late = room.events()  # after the end: an empty, finished channel
+    assert [e async for e in late] == []
+
+
+async def test_a_closed_subscriber_is_forgotten_and_others_go_on() -> None:
+    room = Room()
+    with room.events() as gone:
+        pass
+    kept = room.events()
+    room._from_sdk("participant_connected", "p1")
+    assert len(room._subscribers) == 1
+    assert kept.receive_nowait().args == ("p1",)
+    with pytest.raises(trio.ClosedResourceError):
+        gone.receive_nowait()
+
+
+async def test_a_failing_sync_callback_is_logged_and_does_not_stop_the_others(
+        caplog: pytest.LogCaptureFixture) -> None:
+    room = Room()
+    calls: list[str] = []
+
+    @room.on("participant_connected")
+    def boom(p: str) -> None:
+        raise RuntimeError("callback bug")
+
+    room.on("participant_connected", lambda p: calls.append(p))
+    room._from_sdk("participant_connected", "p1")
+    assert calls == ["p1"]
+    assert "callback bug" in caplog.text
+    room.off("participant_connected", boom)
+    room._from_sdk("participant_connected", "p2")
+    assert calls == ["p1", "p2"]
+
+
+def test_unknown_events_and_unconnected_use_are_clear_errors() -> None:
+    room = Room()
+    with pytest.raises(ValueError, match="unknown room event 'participant_joined'"):
+        room.on("participant_joined", print)
+    with pytest.raises(ValueError, match="unknown room event"):
+        room.events("nope")
+    with pytest.raises(RuntimeError, match=r"not connected yet: call `await ctx.connect\(\)`"):
+        room.local_participant
+    with pytest.raises(ValueError, match="already registered"):
+        async def handler(stream: object, identity: str) -> None: ...
+        room.register_text_stream_handler("t", handler)
+        room.register_text_stream_handler("t", handler)
+
+
+def test_without_the_rtc_extra_the_error_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("trio_agents.room", "trio_agents._room"):
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "livekit.rtc", None)  # what an absent package looks like
+    monkeypatch.delattr(sys.modules["livekit"], "rtc")
+    with pytest.raises(MissingExtraError) as info:
+        importlib.import_module("trio_agents.room")
+    assert str(info.value) == ("joining a room needs the rtc extra (livekit.rtc is not "
+                               "installed): pip install 'trio-agents[rtc]'")
+    assert isinstance(info.value, ImportError)
