@@ -34,3 +34,18 @@ async def test_forked_jobs_report_exit_codes_and_signals() -> None:
         assert await reports.wait_final("ok") == (agent.JS_SUCCESS, "")
         assert await reports.wait_final("exit") == (agent.JS_FAILED, "exit code 3")
         assert await reports.wait_final("segv") == (agent.JS_FAILED, "killed by signal SIGSEGV")
+
+
+async def test_the_zygote_stays_single_threaded_with_the_realtime_sdk_imported() -> None:
+    # The room agent imports livekit.rtc, which imports numpy, whose BLAS would start a thread
+    # pool at import: the zygote must still have one thread when it forks.
+    from agents import room_agent
+
+    config = make_config(entrypoint_fnc=room_agent.entrypoint, num_idle_processes=1)
+    async with running_supervisor(config) as (sup, _):
+        await sup.wait_pool_ready()
+        (idle,) = sup.idle_processes
+        zygote = psutil.Process(idle.pid).parent()
+        assert zygote is not None and "trio_agents._zygote" in zygote.cmdline()
+        assert zygote.num_threads() == 1
+        assert zygote.environ()["OPENBLAS_NUM_THREADS"] == "1"

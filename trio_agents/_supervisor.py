@@ -49,6 +49,7 @@ from ._jobs import RunningJobInfo, StatusReport, job_fields
 from ._loading import FunctionRef
 from ._options import JobExecutorType, RunConfig
 from ._proc import JobProcessHandle, NotHandedOver, State, child_environment
+from ._zygote import ZYGOTE_SINGLE_THREADED
 from ._zygote import Zygote
 
 logger = logging.getLogger("trio_agents.supervisor")
@@ -131,7 +132,10 @@ class ProcessSupervisor:
             preload = [ref.module if not ref.path else f"file:{ref.path}"
                        for ref in (self._init.entrypoint, self._init.setup,
                                    self._init.session_end) if ref is not None]
-            self._zygote = Zygote(child_environment(f"{self._token}/zygote/"), preload)
+            env = child_environment(f"{self._token}/zygote/")
+            for var in ZYGOTE_SINGLE_THREADED:  # numpy's BLAS would start threads on import
+                env.setdefault(var, "1")
+            self._zygote = Zygote(env, preload)
         self._counter = 0
         self._idle: deque[JobProcessHandle] = deque()
         self._jobs: dict[str, JobProcessHandle] = {}

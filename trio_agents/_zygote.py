@@ -38,6 +38,10 @@ import trio
 from ._procutil import MARKER_ENV, set_parent_death_signal
 
 MAX_LINE: Final = 4096
+#: Set to "1" in the zygote's environment unless the user set them: numerical libraries
+#: (numpy's OpenBLAS, which the realtime SDK imports) otherwise start a thread pool on import,
+#: and the zygote must have no thread when it forks. Job processes inherit the setting.
+ZYGOTE_SINGLE_THREADED: Final = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 # -- the zygote process ---------------------------------------------------------------------
@@ -59,6 +63,14 @@ def main(argv: list[str]) -> None:  # pragma: no cover - runs in the zygote (tes
             _load_script(module[len("file:"):])
         else:
             importlib.import_module(module)
+    if "livekit.rtc" in sys.modules:  # the agent joins rooms: share the room code too
+        importlib.import_module("trio_agents._room")
+    threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
+    if threads > 1:
+        print(f"trio_agents zygote: importing the agent's code started {threads - 1} "
+              "thread(s); forking a threaded process is unsafe (a lock held by a thread stays "
+              "locked in the child). Start threads in setup_fnc or the entrypoint, or set "
+              "use_zygote=False.", file=sys.stderr, flush=True)
     gc.collect()
     gc.freeze()  # keep refcount-free heap pages shared with the children
     wake_r, wake_w = os.pipe()
