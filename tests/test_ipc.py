@@ -209,3 +209,24 @@ async def test_send_to_a_closed_socket_is_a_remote_error() -> None:
 def test_messages_are_frozen() -> None:
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         _ipc.Ping(seq=1, sent_at=0.0).seq = 2  # type: ignore[misc]
+
+
+async def test_an_urgent_message_is_written_before_the_sender_yields() -> None:
+    ours, theirs = socket.socketpair()
+    sender = _ipc.IpcChannel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+    receiver = _ipc.IpcChannel(trio.SocketStream(trio.socket.from_stdlib_socket(theirs)))
+    with trio.CancelScope() as scope:
+        scope.cancel()  # any checkpoint in send_urgent would raise Cancelled here
+        await sender.send_urgent(_ipc.JobStarted())
+    with trio.fail_after(5):
+        assert await receiver.receive() == _ipc.JobStarted()
+    # a send under way holds the lock: the urgent message queues behind it, frames intact
+    big = _ipc.LogRecord(name="x", level=20, msg="m" * 500_000, created=0.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender.send, big)
+        await trio.testing.wait_all_tasks_blocked()  # the big frame fills the socket buffer
+        nursery.start_soon(sender.send_urgent, _ipc.JobStarted())
+        assert await receiver.receive() == big
+        assert await receiver.receive() == _ipc.JobStarted()
+    await sender.aclose()
+    await receiver.aclose()

@@ -295,7 +295,7 @@ class _Job:
             set_job_context(ctx)
             # Written before the entrypoint runs (not queued): an entrypoint that blocks its
             # thread at once must still be seen as started.
-            await self.chan.send(_ipc.JobStarted())
+            await self.chan.send_urgent(_ipc.JobStarted())
             outcome, error = _ipc.SUCCESS, ""
             with self.entry_scope:
                 try:

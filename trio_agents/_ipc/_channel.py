@@ -9,6 +9,7 @@ reset socket, a truncated or oversized frame, an undecodable message).
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from typing import final
 
@@ -39,6 +40,39 @@ class IpcChannel:
                 await self._stream.send_all(frame)
             except (trio.BrokenResourceError, OSError) as exc:
                 raise RemoteProtocolError(f"IPC peer is gone: {exc}", reconnect=False) from exc
+
+    async def send_urgent(self, msg: Message) -> None:
+        """``send``, but written before this task yields when the socket takes it whole.
+
+        For the one message that must be out before user code runs (``JobStarted``): an
+        ordinary send yields to the scheduler, which costs a loop iteration (~0.5 ms on the
+        start path) before the entrypoint can begin.
+        """
+        frame = encode_frame(encode(msg), max_frame_size=self._max)
+        sock = getattr(self._stream, "socket", None)
+        if sock is not None:
+            try:
+                self._send_lock.acquire_nowait()
+            except trio.WouldBlock:
+                pass  # another send is under way: queue behind it
+            else:
+                try:
+                    written = os.write(sock.fileno(), frame)
+                except BlockingIOError:
+                    written = 0
+                except OSError as exc:
+                    self._send_lock.release()
+                    raise RemoteProtocolError(f"IPC peer is gone: {exc}", reconnect=False) from exc
+                try:
+                    if written < len(frame):
+                        await self._stream.send_all(frame[written:])
+                except (trio.BrokenResourceError, OSError) as exc:
+                    raise RemoteProtocolError(f"IPC peer is gone: {exc}",
+                                              reconnect=False) from exc
+                finally:
+                    self._send_lock.release()
+                return
+        await self.send(msg)
 
     async def receive(self) -> Message:
         """The next message. Cancel-safe: bytes already read stay buffered for the next call."""
