@@ -37,7 +37,6 @@ from typing import Final, final
 
 import attrs
 import trio
-from livekit.protocol import agent
 
 from . import _ipc
 from ._context import JobContext, JobProcess, call_shutdown_callback, set_job_context
@@ -224,8 +223,6 @@ class _Job:
         chan = self.chan = _ipc.IpcChannel(stream)
         send, receive = trio.open_memory_channel[_ipc.Message](LOG_BUFFER)
         self.outbox.attach(send)
-        if not self.in_thread:
-            await _rehearse_start()
         try:
             async with trio.open_nursery() as nursery:
                 writer_done = trio.Event()
@@ -360,32 +357,6 @@ class _Job:
         if scope.cancelled_caught:
             logger.warning("shutdown callback %r did not finish within %.1f s; cancelled",
                            cb, timeout)
-
-
-async def _rehearse_start() -> None:
-    """Run the start path once with a dummy job while the process is idle.
-
-    A process forked from the zygote shares its memory copy-on-write: the first time the
-    start path touches an object (decoding StartJob, building the JobContext, opening the
-    job's nursery), the kernel copies the page. Doing that now, before a job is waiting,
-    takes those faults off the offer → entrypoint path.
-    """
-    from livekit.protocol import models
-
-    from ._jobs import JobAcceptArguments, RunningJobInfo
-
-    job = agent.Job(id="AJ_rehearsal", room=models.Room(name="rehearsal"))
-    info = RunningJobInfo(accept_arguments=JobAcceptArguments(name="", identity="",
-                                                              metadata=""),
-                          job=job, url="", token="", worker_id="")
-    start = _ipc.decode(_ipc.encode(_ipc.StartJob.from_info(info)))
-    assert isinstance(start, _ipc.StartJob)
-    proc = JobProcess(executor_type=JobExecutorType.PROCESS, http_proxy=None)
-    async with trio.open_nursery() as nursery:
-        JobContext(proc=proc, info=start.to_info(), on_shutdown=lambda _: None,
-                   services=nursery)
-        nursery.start_soon(trio.lowlevel.checkpoint)
-    _ipc.encode(_ipc.JobStarted())
 
 
 def _describe(exc: BaseException) -> str:
