@@ -196,6 +196,7 @@ class JobContext:
             from .room import Room
 
             self._room = Room()
+            self._room.on("disconnected", self._room_disconnected)
         return self._room
 
     @property
@@ -228,7 +229,6 @@ class JobContext:
             bridge = await self._open_bridge()
             info = self._info
             url = info.url or self._credentials[0]
-            room.on("disconnected", self._room_disconnected)
             await room.connect(bridge, url, info.token, room_options(
                 auto_subscribe=auto_subscribe == AutoSubscribe.SUBSCRIBE_ALL, e2ee=e2ee,
                 rtc_config=rtc_config))

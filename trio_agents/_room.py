@@ -482,7 +482,7 @@ class Room:
             raise RuntimeError("this Room is already connecting")
         self._connecting = True
         try:
-            sdk = rtc.Room(loop=bridge.loop)
+            sdk = await bridge.call(_new_sdk_room)  # its futures must belong to the loop
             wired = {name: functools.partial(self._from_sdk, name) for name in EVENT_TYPES}
             for name, listener in wired.items():
                 sdk.on(name, listener)  # type: ignore[arg-type]
@@ -574,6 +574,10 @@ class Room:
         if self._sdk is None:
             return "<Room not connected>"
         return f"<Room {self._sdk.name!r} connected={self.isconnected()}>"
+
+
+async def _new_sdk_room() -> rtc.Room:
+    return rtc.Room()
 
 
 async def _settle(bridge: Bridge, sdk: rtc.Room, future: asyncio.Future[None],
