@@ -119,6 +119,9 @@ SAMPLES: list[_ipc.Message] = [
                    fields={"job_id": "AJ_1", "n": 3, "ratio": 0.5, "ok": True, "none": None}),
     _ipc.JobFinished(outcome=_ipc.FAILED, error="ValueError: x", user_initiated=True,
                      reason="job crashed"),
+    _ipc.JobEnding(outcome=_ipc.SUCCESS, user_initiated=True, reason="done in the room"),
+    _ipc.JobEnding(outcome=_ipc.FAILED, error="ValueError: x", reason="job crashed"),
+    _ipc.JobEndingAck(),
 ]
 
 
@@ -129,6 +132,16 @@ def test_every_message_type_has_a_sample() -> None:
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
 def test_round_trip(msg: _ipc.Message) -> None:
     assert _ipc.decode(_ipc.encode(msg)) == msg
+
+
+def test_tags_are_positions_and_only_ever_appended() -> None:
+    # A job process and its server may come from different versions during an upgrade.
+    assert [cls.__name__ for cls in _ipc.MESSAGES] == [
+        "InitializeRequest", "InitializeResponse", "Ping", "Pong", "StartJob", "JobStarted",
+        "ShutdownRequest", "LogRecord", "JobFinished", "JobEnding", "JobEndingAck"]
+    assert _ipc.encode(_ipc.JobEndingAck()) == b"[10]"
+    assert json.loads(_ipc.encode(_ipc.JobEnding(outcome=_ipc.FAILED, error="e"))) == [
+        9, "failed", "e", False, ""]
 
 
 def test_running_job_info_survives_the_trip_with_accept_attributes() -> None:

@@ -1,17 +1,22 @@
 """Pieces of the job process that need no child process: outcome rules, callback signatures,
-the setup backoff schedule, and the thread executor (the child loop on a thread)."""
+the setup backoff schedule, the thread executor (the child loop on a thread), and the end of
+a job in its room (the child loop in the test's own trio run, under a mock clock)."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 from livekit.protocol import agent
 
-from trio_agents import _ipc
-from trio_agents._context import _takes_reason
+from trio_agents import _child, _ipc
+from trio_agents._context import JobProcess, _takes_reason
 from trio_agents._loading import FunctionRef
 from trio_agents._options import JobExecutorType
 from trio_agents._proc import INTERRUPTED, outcome
@@ -22,6 +27,9 @@ from proc_helpers import job_info, make_config, running_supervisor, watching_log
 
 OK = _ipc.JobFinished(outcome=_ipc.SUCCESS, reason="entrypoint returned")
 CRASHED = _ipc.JobFinished(outcome=_ipc.FAILED, error="ValueError: x", reason="job crashed")
+#: What a job in its room says before leaving it; reported as if its process exits with 0.
+ENDING = _ipc.JobEnding(outcome=_ipc.SUCCESS, user_initiated=True, reason="done in the room")
+ENDING_CRASHED = _ipc.JobEnding(outcome=_ipc.FAILED, error="ValueError: x", reason="job crashed")
 
 
 @pytest.mark.parametrize(("returncode", "finished", "kill", "escalated", "expected"), [
@@ -36,8 +44,12 @@ CRASHED = _ipc.JobFinished(outcome=_ipc.FAILED, error="ValueError: x", reason="j
     (-15, None, None, "did not stop within 1 s of the shutdown request",
      (agent.JS_FAILED, "did not stop within 1 s of the shutdown request; "
                        "killed by signal SIGTERM")),
+    (0, ENDING, None, "", (agent.JS_SUCCESS, "")),
+    (0, ENDING_CRASHED, None, "", (agent.JS_FAILED, "ValueError: x")),
+    (0, _ipc.JobEnding(outcome=_ipc.FAILED), None, "", (agent.JS_FAILED, "the job failed")),
 ])
-def test_outcome(returncode: int, finished: _ipc.JobFinished | None, kill: str | None,
+def test_outcome(returncode: int, finished: _ipc.JobFinished | _ipc.JobEnding | None,
+                 kill: str | None,
                  escalated: str, expected: tuple[int, str]) -> None:
     assert outcome(returncode, finished, kill_reason=kill, escalated=escalated) == expected
 
@@ -146,3 +158,71 @@ async def test_child_loop_answers_pings_before_a_job() -> None:
             await chan.receive()
     await chan.aclose()
 
+
+
+# -- the end of a job in its room -------------------------------------------------------------
+
+
+@asynccontextmanager
+async def job_loop(metadata: str) -> AsyncIterator[_ipc.IpcChannel]:
+    """A job process's job loop running ``scripted.entrypoint`` in this trio run (so a mock
+    clock drives its timeouts); the test is its server, at the other end of a socketpair.
+    Yields once the entrypoint runs; leaving waits for the loop to end."""
+    ours, theirs = socket.socketpair()
+    chan = _ipc.IpcChannel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+    job = _child._Job(req=_ipc.InitializeRequest(entrypoint=FunctionRef("", "")),
+                      functions=_child.Functions(entrypoint=scripted.entrypoint),
+                      proc=JobProcess(executor_type=JobExecutorType.THREAD, http_proxy=None),
+                      outbox=_child._Outbox(theirs), handler=None, in_thread=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(job.serve, theirs)
+            await chan.send(_ipc.StartJob.from_info(job_info("j", metadata)))
+            assert await chan.receive() == _ipc.JobStarted()
+            yield chan
+    finally:
+        await chan.aclose()
+        theirs.close()
+
+
+async def test_a_job_in_its_room_waits_for_the_ack_before_leaving(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with watching_logs() as logs:
+        async with job_loop("joined") as chan:
+            assert await chan.receive() == ENDING
+            begun = trio.current_time()
+            await trio.testing.wait_all_tasks_blocked()  # the job does all it can without us
+            assert not logs.matching("left the room")
+            await chan.send(_ipc.JobEndingAck())
+            assert await chan.receive() == _ipc.JobFinished(
+                outcome=_ipc.SUCCESS, user_initiated=True, reason="done in the room")
+            assert trio.current_time() == begun  # left on the ack, not on the timeout
+    assert logs.matching("left the room")
+    assert not logs.matching("did not acknowledge")
+
+
+async def test_a_job_whose_server_never_acks_leaves_after_the_bounded_wait(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with watching_logs() as logs:
+        async with job_loop("joined_raise") as chan:
+            assert await chan.receive() == _ipc.JobEnding(
+                outcome=_ipc.FAILED, error="ValueError: scripted failure in the room",
+                reason="job crashed")
+            begun = trio.current_time()
+            assert await chan.receive() == _ipc.JobFinished(
+                outcome=_ipc.FAILED, error="ValueError: scripted failure in the room",
+                reason="job crashed")
+            assert trio.current_time() - begun == pytest.approx(_child.ENDING_ACK_TIMEOUT)
+    assert logs.matching("left the room")
+    (warning,) = logs.matching("did not acknowledge the end of the job within 2.0 s")
+    assert warning.levelno == logging.WARNING
+
+
+async def test_a_job_that_never_joined_its_room_does_not_announce_its_end(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with job_loop("ok") as chan:
+        assert await chan.receive() == _ipc.JobFinished(outcome=_ipc.SUCCESS,
+                                                        reason="entrypoint returned")

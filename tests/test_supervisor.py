@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -13,12 +14,13 @@ import trio
 from livekit.protocol import agent, models
 
 from trio_agents._errors import InitializeTimeout, JobProcessError
+from trio_agents._options import JobExecutorType
 from trio_agents._proc import INTERRUPTED
 from trio_agents._supervisor import ProcessSupervisor
 
 from agents import scripted
 from proc_helpers import (
-    alive, job_info, make_config, open_fds, running_supervisor, watching_logs,
+    FINAL, Reports, alive, job_info, make_config, open_fds, running_supervisor, watching_logs,
 )
 
 
@@ -255,6 +257,74 @@ async def test_publisher_job_sees_its_publisher() -> None:
             await sup.launch(info)
             assert await reports.wait_final("pub") == (agent.JS_SUCCESS, "")
     assert logs.matching("started ok")
+
+
+# -- a job that joined its room (scripted.JoinedRoom stands in for the room) ------------------
+
+
+@pytest.mark.parametrize("executor", [JobExecutorType.PROCESS, JobExecutorType.THREAD])
+@pytest.mark.parametrize(("metadata", "expected"), [
+    ("joined", (agent.JS_SUCCESS, "")),
+    ("joined_raise", (agent.JS_FAILED, "ValueError: scripted failure in the room")),
+])
+async def test_a_job_in_its_room_is_reported_once_before_it_leaves(
+    executor: JobExecutorType, metadata: str, expected: tuple[int, str],
+) -> None:
+    # LiveKit fails a job whose agent leaves the room before its status is reported.
+    reports = Reports()
+    left_before_the_report: list[bool] = []
+
+    def report(job_id: str, status: int, error: str) -> None:
+        if status in FINAL:
+            left_before_the_report.append(bool(logs.matching("left the room")))
+        reports(job_id, status, error)
+
+    with watching_logs() as logs:
+        async with running_supervisor(make_config(job_executor_type=executor),
+                                      report) as (sup, _):
+            await sup.launch(job_info("in", metadata))
+            await sup.wait_idle()  # the process has exited and its end is handled
+        await logs.wait_for("left the room")
+    assert reports.final("in") == expected
+    assert reports.statuses("in") == [agent.JS_RUNNING, expected[0]]
+    assert left_before_the_report == [False]
+    assert not logs.matching("did not acknowledge")  # the server answered JobEnding
+
+
+async def test_a_reported_job_whose_process_then_fails_keeps_its_status() -> None:
+    with watching_logs() as logs:
+        async with running_supervisor(make_config()) as (sup, reports):
+            await sup.launch(job_info("in", "joined_exit3"))
+            await sup.wait_idle()
+    assert reports.statuses("in") == [agent.JS_RUNNING, agent.JS_SUCCESS]
+    (warning,) = logs.matching("exit code 3 after the job's status was reported")
+    assert warning.levelno == logging.WARNING
+
+
+async def test_a_job_in_its_room_interrupted_by_the_server_is_reported_at_exit() -> None:
+    reports_seen: list[tuple[str, int, str]] = []
+    sup = ProcessSupervisor(make_config(), report=lambda *call: reports_seen.append(call))
+    with watching_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.launch(job_info("in", "joined_stay"))
+            nursery.cancel_scope.cancel()
+    # not the clean end the job announced: once, and without the escalation a missing ack
+    # would have caused (2 s of waiting > shutdown_process_timeout)
+    assert [(s, e) for _, s, e in reports_seen if s in FINAL] == [(agent.JS_FAILED,
+                                                                   INTERRUPTED)]
+    assert logs.matching("left the room")
+
+
+async def test_a_job_process_announcing_the_end_of_no_job_is_refused() -> None:
+    config = make_config(prewarm_fnc=scripted.ending_setup)
+    async with running_supervisor(config) as (sup, reports):
+        with pytest.raises(JobProcessError, match="sent an unexpected JobEnding"):
+            await sup.launch(job_info("j", "ok"))
+    status, error = reports.final("j") or (None, "")
+    assert status == agent.JS_FAILED
+    assert error.endswith("ended during initialization: job process sent an unexpected "
+                          "JobEnding")
 
 
 SERVER_SCRIPT = textwrap.dedent("""

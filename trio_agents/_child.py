@@ -12,8 +12,12 @@ Life of a job process (the same loop runs on a thread for ``JobExecutorType.THRE
         the job ends when ctx.shutdown(reason) is called, a ShutdownRequest arrives, or the
         room disconnects (each cancels the entrypoint), or when the entrypoint returns
         without having joined the room (ctx.connect())
-        on_session_end(ctx) (≤ session_end_timeout), leave the room, then every shutdown
-        callback concurrently (each ≤ its timeout; a failing one does not stop the others)
+        on_session_end(ctx) (≤ session_end_timeout)
+        in the room: send JobEnding(outcome, error, user_initiated, reason), wait for
+        JobEndingAck (≤ ENDING_ACK_TIMEOUT): the server reports the job's status before the
+        agent leaves, as LiveKit fails a job whose agent left first
+        leave the room, then every shutdown callback concurrently (each ≤ its timeout; a
+        failing one does not stop the others)
         send JobFinished(outcome, error, user_initiated, reason)
     exit 0
 
@@ -48,6 +52,9 @@ logger = logging.getLogger("trio_agents.job")
 
 #: Log records waiting to be written before new ones are dropped (counted, then reported).
 LOG_BUFFER: Final = 10_000
+#: How long a job in its room waits for the server to acknowledge ``JobEnding`` before it
+#: leaves the room anyway.
+ENDING_ACK_TIMEOUT: Final = 2.0
 
 _STANDARD_RECORD_KEYS: Final = frozenset(logging.makeLogRecord({}).__dict__) | {
     "message", "asctime", "taskName",
@@ -198,6 +205,7 @@ class _Job:
         self.stop_reason: tuple[str, bool] | None = None
         self.started = False
         self.done = trio.Event()
+        self.ending_acked = trio.Event()
         self.token: trio.lowlevel.TrioToken | None = None
         self.chan: _ipc.IpcChannel
 
@@ -267,6 +275,8 @@ class _Job:
                 return
             elif isinstance(msg, _ipc.ShutdownRequest):
                 self.request_stop(msg.reason or "server shutdown", False)
+            elif isinstance(msg, _ipc.JobEndingAck):
+                self.ending_acked.set()
             else:
                 logger.error("unexpected IPC message from the server: %r", msg)
 
@@ -316,7 +326,8 @@ class _Job:
             else:
                 reason = "entrypoint returned" if outcome == _ipc.SUCCESS else "job crashed"
                 user_initiated = False
-            await self._wind_down(ctx, reason)
+            await self._wind_down(ctx, _ipc.JobEnding(
+                outcome=outcome, error=error, user_initiated=user_initiated, reason=reason))
             services.cancel_scope.cancel()
         if self.outbox.dropped:
             logger.warning("%d log records of this job were dropped (log buffer full)",
@@ -329,7 +340,7 @@ class _Job:
         """The job's room disconnected without us asking: the job is over."""
         self.request_stop(reason, False)
 
-    async def _wind_down(self, ctx: JobContext, reason: str) -> None:
+    async def _wind_down(self, ctx: JobContext, ending: _ipc.JobEnding) -> None:
         session_end = self.functions.session_end
         if session_end is not None:
             timeout = self.req.session_end_timeout
@@ -340,12 +351,32 @@ class _Job:
                     logger.exception("on_session_end failed")
             if scope.cancelled_caught:
                 logger.warning("on_session_end did not finish within %.1f s; cancelled", timeout)
+        if ctx.is_connected():
+            await self._announce_end(ending)
         await ctx.close_room()
         callbacks = ctx.shutdown_callbacks
         if callbacks:
             async with trio.open_nursery() as nursery:
                 for cb in callbacks:
-                    nursery.start_soon(self._callback, cb, reason)
+                    nursery.start_soon(self._callback, cb, ending.reason)
+
+    async def _announce_end(self, ending: _ipc.JobEnding) -> None:
+        """Have the server report the job's status while the agent is still in the room.
+
+        LiveKit marks a job ``JS_FAILED`` ("agent worker left the room") when its agent leaves
+        before the worker reported the job ended. Written directly, not behind queued log
+        records; the wait is bounded so a server that never answers cannot hold the job.
+        """
+        try:
+            await self.chan.send(ending)
+        except RemoteProtocolError:
+            self._parent_gone()
+            return
+        with trio.move_on_after(ENDING_ACK_TIMEOUT) as scope:
+            await self.ending_acked.wait()
+        if scope.cancelled_caught:
+            logger.warning("the server did not acknowledge the end of the job within %.1f s; "
+                           "leaving the room anyway", ENDING_ACK_TIMEOUT)
 
     async def _callback(self, cb: Callable[..., Awaitable[None]], reason: str) -> None:
         timeout = self.req.shutdown_callback_timeout

@@ -8,7 +8,9 @@ supervisor's nursery::
     spawn         python -m trio_agents._child, own session (= own process group), one end of
                   a socketpair, TRIO_AGENTS_TREE=<marker> in its environment
     ├── reader    every message of the child: InitializeResponse, Pong, JobStarted, LogRecord
-    │             (re-emitted into our logging), JobFinished
+    │             (re-emitted into our logging), JobEnding, JobFinished
+    │             JobEnding (the job is about to leave its room): report its status now,
+    │             then JobEndingAck — LiveKit fails a job whose agent leaves the room first
     ├── initialize  InitializeRequest, then the response within initialize_process_timeout
     │             → task_status.started(handle): the process is idle and may take one job
     ├── watchdog  Ping every ping_interval; warn when a pong takes > high_ping_threshold; the
@@ -20,11 +22,14 @@ supervisor's nursery::
         stop it if still alive    ShutdownRequest → ≤ shutdown_process_timeout → SIGTERM to the
                                   group → ≤ TERM_GRACE → SIGKILL to the group (each step logged)
         kill what it left         its process group, then every process with its marker
-        reap, read the last messages, report the job's outcome once
+        reap, read the last messages, report the job's outcome once (unless JobEnding did)
 
 ``stop(reason)`` (server termination, shutdown) and the watchdogs' ``_kill(reason)`` both end
 up there by cancelling the life scope; a kill skips the graceful steps. The outcome is
-``JS_SUCCESS`` only when the child reported a successful job *and* exited with status 0.
+``JS_SUCCESS`` only when the child reported a successful job *and* exited with status 0 —
+except for a job that joined its room: its status is reported on ``JobEnding``, assuming a
+clean exit (not if it was killed or interrupted by the server first); an exit that is not
+clean after that is logged, the status stays.
 """
 
 from __future__ import annotations
@@ -112,6 +117,8 @@ class JobProcessHandle:
         self._interrupted = False
         self._eof = False
         self._reported = False
+        self._reported_early = False
+        self._ready = False
 
     # -- control --------------------------------------------------------------------------------
 
@@ -168,6 +175,11 @@ class JobProcessHandle:
             finally:
                 with trio.CancelScope(shield=True):
                     await self._wind_down()
+        if self._init_error is None and not self._ready:
+            # killed while initializing (e.g. an unexpected message): not ready, say why
+            self._init_error = JobProcessError(
+                f"job process {self.pid} ended during initialization: "
+                f"{self._kill_reason or self._stop_reason or 'stopped'}")
         if self._init_error is not None:
             raise self._init_error
 
@@ -236,6 +248,7 @@ class JobProcessHandle:
             nursery.start_soon(self._watchdog)
             if self._functions is None:
                 nursery.start_soon(self._memory_watch)
+            self._ready = True
             task_status.started(self)
             await self._process.wait()
             nursery.cancel_scope.cancel()
@@ -252,6 +265,9 @@ class JobProcessHandle:
                 self._kill(f"job process broke the IPC protocol: {exc}")
                 break
             self._dispatch(msg)
+            if isinstance(msg, _ipc.JobEnding):
+                # Its status report is queued now, ahead of anything the job does next.
+                await self._send_quietly(_ipc.JobEndingAck())
         self._init_done.set()
         self._job_event.set()
 
@@ -272,6 +288,8 @@ class JobProcessHandle:
             self.state = State.RUNNING
             self._report(self.info.job.id, agent.JS_RUNNING, "")
             self._job_event.set()
+        elif isinstance(msg, _ipc.JobEnding) and self.info is not None:
+            self._report_ending(msg)
         elif isinstance(msg, _ipc.JobFinished):
             self._finished = msg
         else:
@@ -407,16 +425,35 @@ class JobProcessHandle:
             await process.wait()
             nursery.cancel_scope.cancel()
 
-    def _report_outcome(self, returncode: int | None) -> None:
-        if self.info is None or self._reported:
+    def _report_ending(self, ending: _ipc.JobEnding) -> None:
+        """The job is about to leave its room: report its status now, assuming a clean exit.
+
+        Not when it was killed or the server interrupted it: that outcome is reported at exit.
+        """
+        if self._reported or self._kill_reason is not None or self._interrupted:
             return
+        self._reported_early = True
+        self._send_status(outcome(0, ending), ending.reason)
+
+    def _report_outcome(self, returncode: int | None) -> None:
+        if self.info is None:
+            return
+        if self._reported_early and returncode != 0:
+            logger.warning("job process %d %s after the job's status was reported; the status "
+                           "stays", self.pid, _exit_text(returncode), extra=self._extra())
+        if self._reported:
+            return
+        self._send_status(outcome(returncode, self._finished, kill_reason=self._kill_reason,
+                                  escalated=self._escalated, interrupted=self._interrupted),
+                          self._finished.reason if self._finished else "")
+
+    def _send_status(self, result: tuple[int, str], reason: str) -> None:
+        assert self.info is not None
         self._reported = True
-        status, error = outcome(returncode, self._finished, kill_reason=self._kill_reason,
-                                escalated=self._escalated, interrupted=self._interrupted)
+        status, error = result
         job_id = self.info.job.id
         if status == agent.JS_SUCCESS:
-            logger.info("job %s finished (%s)", job_id,
-                        self._finished.reason if self._finished else "", extra=self._extra())
+            logger.info("job %s finished (%s)", job_id, reason, extra=self._extra())
         else:
             logger.error("job %s failed: %s", job_id, error, extra=self._extra())
         self._report(job_id, status, error)
@@ -440,10 +477,13 @@ def child_environment(marker: str) -> dict[str, str]:
     return env
 
 
-def outcome(returncode: int | None, finished: _ipc.JobFinished | None, *,
+def outcome(returncode: int | None, finished: _ipc.JobFinished | _ipc.JobEnding | None, *,
             kill_reason: str | None = None, escalated: str = "",
             interrupted: bool = False) -> tuple[int, str]:
     """The job status and error for a job process that ended (pure: see the tests).
+
+    ``finished`` is what the job said of its end; for a ``JobEnding`` (the job has yet to
+    leave its room and exit), ``returncode`` 0 gives the status it is reported with early.
 
     ``interrupted``: the agent server itself stopped the job while it ran (a forced stop, or
     a drain whose budget ran out) — not the job's own end, nor a termination LiveKit asked for,

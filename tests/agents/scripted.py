@@ -42,6 +42,25 @@ async def _failing_cb() -> None:
     raise RuntimeError("callback boom")
 
 
+class JoinedRoom:
+    """Stands in for the job's room once joined (there is no LiveKit room in these tests):
+    ``ctx.is_connected()`` is true until the job leaves it, which it logs."""
+
+    def __init__(self) -> None:
+        self.left = False
+
+    def isconnected(self) -> bool:
+        return not self.left
+
+    async def disconnect(self) -> None:
+        self.left = True
+        log.info("left the room")
+
+
+async def _exit3_cb() -> None:
+    os._exit(3)
+
+
 async def entrypoint(ctx: JobContext) -> None:
     action, _, arg = ctx.job.metadata.partition(":")
     ctx.log_context_fields = {"scripted": action}
@@ -49,6 +68,19 @@ async def entrypoint(ctx: JobContext) -> None:
                                           "pid_seen": os.getpid()})
     if action in ("ok", ""):  # no metadata: a plain job that just finishes
         return
+    if action.startswith("joined"):  # in the room from here on: the job ends with JobEnding
+        ctx._room = JoinedRoom()  # type: ignore[assignment]
+        action = action.removeprefix("joined").removeprefix("_")
+        if action == "":
+            ctx.shutdown("done in the room")
+        elif action == "exit3":  # the status is reported; then the process dies
+            ctx.add_shutdown_callback(_exit3_cb)
+            ctx.shutdown("done in the room")
+        elif action == "raise":
+            raise ValueError("scripted failure in the room")
+        elif action != "stay":  # stay: until the server ends the job
+            raise LookupError(f"unknown scripted action joined_{action}")
+        await trio.sleep_forever()
     if action == "sleep":
         await trio.sleep(float(arg))
     elif action == "exit3":
@@ -99,6 +131,15 @@ async def entrypoint(ctx: JobContext) -> None:
         await trio.sleep(3600)
     else:
         raise LookupError(f"unknown scripted action {action!r}")
+
+
+def ending_setup(proc: JobProcess) -> None:
+    """A broken job process: announces the end of a job it never had (a JobEnding frame
+    written straight onto the IPC socket, fd from argv, before the InitializeResponse)."""
+    from trio_agents import _ipc
+
+    frame = _ipc.encode_frame(_ipc.encode(_ipc.JobEnding(outcome=_ipc.SUCCESS)))
+    os.write(int(sys.argv[1]), frame)
 
 
 def failing_setup(proc: JobProcess) -> None:

@@ -9,6 +9,8 @@ from ._messages import MESSAGES as MESSAGES
 from ._messages import SUCCESS as SUCCESS
 from ._messages import InitializeRequest as InitializeRequest
 from ._messages import InitializeResponse as InitializeResponse
+from ._messages import JobEnding as JobEnding
+from ._messages import JobEndingAck as JobEndingAck
 from ._messages import JobFinished as JobFinished
 from ._messages import JobStarted as JobStarted
 from ._messages import LogRecord as LogRecord

@@ -13,8 +13,13 @@ Direction: P→C parent to child, C→P child to parent::
     P→C InitializeRequest   what to load and how to behave     C→P InitializeResponse
     P→C Ping                                                   C→P Pong
     P→C StartJob            one per process                    C→P JobStarted
-    P→C ShutdownRequest     stop the job (server termination)  C→P JobFinished (then exit)
+    P→C ShutdownRequest     stop the job (server termination)  C→P JobEnding (in its room)
+    P→C JobEndingAck        its status is reported: leave      C→P JobFinished (then exit)
                                                                C→P LogRecord (any time)
+
+``JobEnding`` comes only from a job that joined its room, before it leaves it: LiveKit fails a
+job whose agent leaves the room before the worker reported how the job ended, so the server
+reports the status on ``JobEnding`` and the job waits (bounded) for ``JobEndingAck``.
 """
 
 from __future__ import annotations
@@ -158,10 +163,9 @@ SUCCESS: Final = "success"
 FAILED: Final = "failed"
 
 
-@final
 @attrs.frozen(kw_only=True)
-class JobFinished:
-    """The job is over; the process exits next. ``outcome`` is ``"success"`` or ``"failed"``."""
+class _JobEnd:
+    """How the job ended. ``outcome`` is ``"success"`` or ``"failed"``."""
 
     outcome: str
     error: str = ""
@@ -169,9 +173,28 @@ class JobFinished:
     reason: str = ""
 
 
+@final
+@attrs.frozen(kw_only=True)
+class JobFinished(_JobEnd):
+    """The job is over; the process exits next."""
+
+
+@final
+@attrs.frozen(kw_only=True)
+class JobEnding(_JobEnd):
+    """The job is over and about to leave its room: report its status now, then answer
+    ``JobEndingAck``. ``JobFinished`` still follows."""
+
+
+@final
+@attrs.frozen(kw_only=True)
+class JobEndingAck:
+    """The server has handled ``JobEnding`` (its status report is on its way): leave the room."""
+
+
 Message = Union[
     InitializeRequest, InitializeResponse, Ping, Pong, StartJob, JobStarted, ShutdownRequest,
-    LogRecord, JobFinished,
+    LogRecord, JobFinished, JobEnding, JobEndingAck,
 ]
 #: Tag of each message type on the wire. Append only: a tag is never reused.
 MESSAGES: Final[tuple[type[Message], ...]] = typing.get_args(Message)
