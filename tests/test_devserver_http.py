@@ -88,7 +88,7 @@ async def test_bad_websocket_handshake_is_400(dev: DevServer) -> None:
 
 async def test_upgrade_elsewhere_is_404(dev: DevServer) -> None:
     async with http_client(dev) as http:
-        status, _, _ = await http.request("GET", "/rtc", headers=UPGRADE)
+        status, _, _ = await http.request("GET", "/rtc/v2", headers=UPGRADE)
         assert status == 404
 
 

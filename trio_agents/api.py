@@ -173,6 +173,20 @@ class RoomService:
                                     room.RemoveParticipantResponse,
                                     VideoGrants(room_admin=True, room=request.room))
 
+    async def update_participant(self, request: room.UpdateParticipantRequest
+                                 ) -> models.ParticipantInfo:
+        return await self._api.call("RoomService", "UpdateParticipant", request,
+                                    models.ParticipantInfo,
+                                    VideoGrants(room_admin=True, room=request.room))
+
+    async def update_room_metadata(self, request: room.UpdateRoomMetadataRequest) -> models.Room:
+        return await self._api.call("RoomService", "UpdateRoomMetadata", request, models.Room,
+                                    VideoGrants(room_admin=True, room=request.room))
+
+    async def send_data(self, request: room.SendDataRequest) -> room.SendDataResponse:
+        return await self._api.call("RoomService", "SendData", request, room.SendDataResponse,
+                                    VideoGrants(room_admin=True, room=request.room))
+
 
 @final
 class AgentDispatchService:

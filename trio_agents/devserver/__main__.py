@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import trio
 
 from .._errors import ConfigError
+from ._rtc import JOIN_TIMEOUT
 from ._server import AVAILABILITY_TIMEOUT, open_dev_server
 
 
@@ -28,6 +29,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--availability-timeout", type=float, default=AVAILABILITY_TIMEOUT,
                         help="seconds a job offer may take, retries included (default 3, as "
                              "livekit-server)")
+    parser.add_argument("--rtc-address", default=None,
+                        help="the host address WebRTC is offered on (never loopback; default: "
+                             "the first non-loopback IPv4 address)")
+    parser.add_argument("--join-timeout", type=float, default=JOIN_TIMEOUT,
+                        help="seconds a participant has to complete WebRTC before it is "
+                             "removed (default 60, as livekit-server)")
     return parser.parse_args(argv)
 
 
@@ -35,7 +42,9 @@ async def serve(args: argparse.Namespace) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_dev_server(host=args.host, port=args.port, api_key=args.api_key,
                                    api_secret=args.api_secret,
-                                   availability_timeout=args.availability_timeout) as dev:
+                                   availability_timeout=args.availability_timeout,
+                                   rtc_address=args.rtc_address,
+                                   join_timeout=args.join_timeout) as dev:
             print(f"LiveKit dev server on {dev.url}  (LIVEKIT_URL={dev.url} "
                   f"LIVEKIT_API_KEY={dev.api_key} LIVEKIT_API_SECRET={dev.api_secret})",
                   flush=True)

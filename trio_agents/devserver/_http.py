@@ -33,6 +33,8 @@ MAX_MESSAGE: Final = 2 << 20
 #: gorilla's ``pingFrequency`` / ``pingTimeout`` in livekit-server's ``WSSignalConnection``.
 PING_INTERVAL: Final = 10.0
 PING_WRITE_TIMEOUT: Final = 2.0
+#: How long ``close`` waits for the peer's close frame.
+CLOSE_ECHO_TIMEOUT: Final = 1.0
 RECEIVE_SIZE: Final = 65536
 MAX_HEAD: Final = 64 * 1024
 
@@ -84,7 +86,8 @@ class WebSocket:
     """The server side of one accepted websocket.
 
     ``receive`` yields whole messages (``bytes`` for binary frames, ``str`` for text);
-    ``send`` may be called from any task. ``abort`` is the only way the server closes.
+    ``send`` may be called from any task. The server ends it with ``abort`` (no close frame,
+    the ``/agent`` way) or ``close`` (a close frame first, the ``/rtc`` way).
     """
 
     def __init__(self, stream: trio.abc.Stream, ws: wsproto.WSConnection) -> None:
@@ -93,6 +96,7 @@ class WebSocket:
         self._send_lock = trio.StrictFIFOLock()
         self._messages_send, self._messages = trio.open_memory_channel[bytes | str](64)
         self._closed = False
+        self._read_done = trio.Event()
 
     async def receive(self) -> bytes | str:
         try:
@@ -105,8 +109,21 @@ class WebSocket:
                                   else ws_events.TextMessage(data=data))
         await self._write(event)
 
+    async def close(self, code: int = 1000) -> None:
+        """Send a close frame, then drop the stream (how livekit-server ends a participant's
+        signal connection). The peer's answering close frame is awaited briefly, so that the
+        peer sees a clean close rather than a reset."""
+        try:
+            await self._write(ws_events.CloseConnection(code=code))
+        except WebSocketClosed:
+            pass
+        else:
+            with trio.move_on_after(CLOSE_ECHO_TIMEOUT):
+                await self._read_done.wait()
+        await self.abort()
+
     async def abort(self) -> None:
-        """Close the TCP stream without a close frame (what livekit-server does)."""
+        """Close the TCP stream without a close frame (what livekit-server does to a worker)."""
         self._closed = True
         self._messages_send.close()
         with trio.CancelScope(shield=True):
@@ -132,6 +149,7 @@ class WebSocket:
             try:
                 await self._read(initial)
             finally:
+                self._read_done.set()
                 self._messages_send.close()
                 nursery.cancel_scope.cancel()
 

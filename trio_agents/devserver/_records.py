@@ -8,6 +8,7 @@ to them.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING, final
 
@@ -17,6 +18,7 @@ from livekit.protocol import agent, agent_dispatch, models
 
 if TYPE_CHECKING:
     from ._http import WebSocket
+    from ._rtc import Session
 
 
 def now_ns() -> int:
@@ -125,11 +127,18 @@ class JobInfo:
 @final
 @attrs.define(eq=False)
 class RoomInfo:
-    """A live room: its ``Room`` proto, dispatches, (simulated) participants and jobs."""
+    """A live room: its ``Room`` proto, dispatches, participants and jobs.
+
+    ``participants`` holds everyone in the room: those connected on ``/rtc`` (each also has
+    an entry in ``sessions``) and those simulated with ``DevServer.add_participant``.
+    """
 
     room: models.Room
     dispatches: dict[str, agent_dispatch.AgentDispatch] = attrs.field(factory=dict)
     participants: dict[str, models.ParticipantInfo] = attrs.field(factory=dict)
+    sessions: dict[str, Session] = attrs.field(factory=dict, repr=False)
+    """The participants connected on ``/rtc``, by identity."""
+    sif_trailer: bytes = attrs.field(factory=lambda: os.urandom(32), repr=False)
     publishers: set[str] = attrs.field(factory=set)
     job_ids: list[str] = attrs.field(factory=list)
     had_participant: bool = False

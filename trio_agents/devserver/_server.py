@@ -32,9 +32,10 @@ import trio
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from livekit.protocol import agent, agent_dispatch, models
+from livekit.protocol import rtc as rtc_proto
 
 from .._auth import Claims, TokenError, verify_token
-from .._errors import ConfigError
+from .._errors import ConfigError, MissingExtraError
 from ..api import TwirpError
 from ._dispatch import (
     MAX_ATTRIBUTES_BYTES,
@@ -49,7 +50,19 @@ from ._dispatch import (
     validate_registration,
 )
 from ._http import Request, Response, SessionHandler, WebSocket, WebSocketClosed, serve_http
+from ._media import LOSSY, RELIABLE, MediaHost
 from ._records import JobInfo, Pending, RoomInfo, WorkerInfo, now_ns
+from ._rtc import (
+    JOIN_TIMEOUT,
+    JoinParams,
+    Reason,
+    Session,
+    merge_update,
+    parse_join,
+    participant_info,
+    run_session,
+    server_packet,
+)
 
 logger = logging.getLogger("trio_agents.devserver")
 
@@ -68,6 +81,7 @@ AGENT_LEFT_ROOM: Final = "agent worker left the room"
 EMPTY_TIMEOUT: Final = 300
 DEPARTURE_TIMEOUT: Final = 20
 NOT_FOUND: Final = b"404 page not found\n"
+RTC_PATHS: Final = frozenset({"/rtc", "/rtc/v1", "/rtc/validate", "/rtc/v1/validate"})
 
 
 class _Closed(Exception):
@@ -80,21 +94,29 @@ class DevServer:
 
     Python API (tests, the CLI demo): ``create_room``, ``delete_room``, ``create_dispatch``,
     ``delete_dispatch``, ``add_participant``, ``publish_track``, ``remove_participant``,
-    ``drop_worker``; read-only views ``workers``, ``jobs``, ``rooms``; ``wait_until``.
+    ``update_participant``, ``update_room_metadata``, ``send_data``, ``drop_worker``;
+    read-only views ``workers``, ``jobs``, ``rooms``; ``wait_until``. Real participants join
+    on ``/rtc`` (``_rtc.py``) with a LiveKit SDK.
     Errors a client would get from Twirp are raised as ``trio_agents.api.TwirpError``.
     """
 
     def __init__(self, nursery: trio.Nursery, *, api_key: str, api_secret: str,
                  availability_timeout: float = AVAILABILITY_TIMEOUT,
                  register_timeout: float = REGISTER_TIMEOUT,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, rtc_address: str | None = None,
+                 join_timeout: float = JOIN_TIMEOUT) -> None:
         _check_options(api_key, api_secret, availability_timeout, register_timeout)
+        if not join_timeout > 0:
+            raise ConfigError(f"the join timeout ({join_timeout}) must be a positive number of "
+                              "seconds (math.inf: never remove a participant for it)")
         self._nursery = nursery
         self.api_key = api_key
         self.api_secret = api_secret
         self.availability_timeout = availability_timeout
         self.register_timeout = register_timeout
         self._rng = rng or random.Random()
+        self.join_timeout = join_timeout
+        self.media = MediaHost(rtc_address)
         self._secrets = {api_key: api_secret}
         self._workers: dict[str, WorkerInfo] = {}
         self._jobs: dict[str, JobInfo] = {}
@@ -180,16 +202,18 @@ class DevServer:
         return room.room
 
     async def delete_room(self, name: str) -> None:
-        """Close the room now: each running job of it gets ``JobTermination`` and ends
-        ``JS_FAILED`` ("agent worker left the room", as its agent is removed).
+        """Close the room now: its participants get ``leave`` (ROOM_DELETED), and each
+        running job of it gets ``JobTermination`` and ends ``JS_FAILED`` ("agent worker left
+        the room").
 
-        Every running job is terminated, not only those whose agent joined: agents cannot
-        join the dev server's rooms yet (no ``/rtc``), and on a real server they would have.
+        Unlike livekit-server, which terminates only the jobs whose agent is in the room,
+        this also ends jobs whose agent has not joined (yet): a test can end a job that never
+        connects, and on a real server such a job would be left running with no room.
         """
         room = self._rooms.get(name)
         if room is None:
             raise TwirpError("not_found", "requested room does not exist")
-        await self._close_room(room, "deleted", every_job=True)
+        self._close_room(room, "deleted", every_job=True)
 
     async def _close_when_idle(self, room: RoomInfo) -> None:
         """Close the room at its deadline: ``empty_timeout`` after creation if no one came,
@@ -197,17 +221,23 @@ class DevServer:
         with room._closer:
             await trio.sleep_forever()
         if room._closer.cancelled_caught and self._rooms.get(room.room.name) is room:
-            await self._close_room(room, "closed: empty", every_job=False)
+            self._close_room(room, "closed: empty", every_job=False)
 
-    async def _close_room(self, room: RoomInfo, why: str, *, every_job: bool) -> None:
-        """``Room.Close``: participants removed; a job whose agent is in the room (or every
-        running job, for ``DeleteRoom``) gets ``JobTermination``; dispatches die with it."""
+    def _close_room(self, room: RoomInfo, why: str, *, every_job: bool) -> None:
+        """``Room.Close``: participants removed (those on ``/rtc`` get ``leave``); a job whose
+        agent is in the room (or every running job, for ``DeleteRoom``) gets
+        ``JobTermination``; dispatches die with it."""
         del self._rooms[room.room.name]
         room._closer.deadline = -math.inf  # its idle task ends now
+        reason = Reason.ROOM_DELETED if every_job else Reason.ROOM_CLOSED
+        for session in list(room.sessions.values()):
+            session.removed = True
+            session.settled.set()
+            session.leave(reason)
         joined = set(room.participants)
         for job_id in room.job_ids:
             if every_job or self._jobs[job_id].participant_identity in joined:
-                await self._terminate(job_id, agent.JS_FAILED, AGENT_LEFT_ROOM)
+                self._terminate(job_id, agent.JS_FAILED, AGENT_LEFT_ROOM)
         logger.info("room %s %s", room.room.name, why)
         self._changed()
 
@@ -245,7 +275,7 @@ class DevServer:
                    if self._jobs[j].job.dispatch_id == dispatch_id]
         for record in records:
             if record.done:
-                await self._terminate(record.job.id, agent.JS_SUCCESS, "")
+                self._terminate(record.job.id, agent.JS_SUCCESS, "")
         pending = [r for r in records if not r.done]
         if pending:
             self._nursery.start_soon(self._terminate_when_launched, pending)
@@ -255,7 +285,7 @@ class DevServer:
     async def _terminate_when_launched(self, records: list[JobInfo]) -> None:
         await self.wait_until(lambda: all(r.done for r in records))
         for record in records:
-            await self._terminate(record.job.id, agent.JS_SUCCESS, "")
+            self._terminate(record.job.id, agent.JS_SUCCESS, "")
         self._changed()
 
     def list_dispatches(self, room: str) -> list[agent_dispatch.AgentDispatch]:
@@ -277,21 +307,27 @@ class DevServer:
         await self.create_room(room)
         info = self._rooms[room]
         if identity in info.participants:
-            await self._leave(info, identity)
+            self._leave(info, identity, Reason.DUPLICATE_IDENTITY)
         now = time.time()
         participant = models.ParticipantInfo(
             sid=new_id("PA_"), identity=identity, name=name, metadata=metadata, kind=kind,
             attributes=dict(attributes or {}), state=models.ParticipantInfo.ACTIVE,
-            joined_at=int(now), joined_at_ms=int(now * 1000))
-        info.participants[identity] = participant
+            joined_at=int(now), joined_at_ms=int(now * 1000), version=1)
+        self._admit(info, participant)
+        self._broadcast(info, participant, to_self=False)
+        self._changed()
+        return participant
+
+    def _admit(self, info: RoomInfo, participant: models.ParticipantInfo) -> None:
+        """The participant is in the room: counted (agents aside), and JT_PARTICIPANT jobs
+        launched for every dispatch of the room."""
+        info.participants[participant.identity] = participant
         if not _dependent(participant):
             info.room.num_participants += 1
             info.had_participant = True
             info._closer.deadline = math.inf
             for dispatch in info.dispatches.values():
                 self._launch(info, dispatch, agent.JT_PARTICIPANT, participant)
-        self._changed()
-        return participant
 
     async def publish_track(self, room: str, identity: str) -> None:
         """A participant publishes a media track (simulated): the first time, a non-agent
@@ -311,16 +347,84 @@ class DevServer:
         self._changed()
 
     async def remove_participant(self, room: str, identity: str) -> None:
-        """A participant leaves (``RemoveParticipant``). If it is the agent of a running job,
-        that job gets ``JobTermination`` and ends ``JS_FAILED`` (AGENT_LEFT_ROOM)."""
+        """``RemoveParticipant``: a participant on ``/rtc`` gets ``leave``
+        (PARTICIPANT_REMOVED). If it is the agent of a running job, that job gets
+        ``JobTermination`` and ends ``JS_FAILED`` (AGENT_LEFT_ROOM)."""
         info = self._rooms.get(room)
         if info is None or identity not in info.participants:
             raise TwirpError("not_found", "participant does not exist")
-        await self._leave(info, identity)
+        self._leave(info, identity, Reason.PARTICIPANT_REMOVED)
         self._changed()
 
-    async def _leave(self, info: RoomInfo, identity: str) -> None:
+    async def update_participant(self, room: str, identity: str, *, metadata: str = "",
+                                 name: str = "", attributes: Mapping[str, str] | None = None
+                                 ) -> models.ParticipantInfo:
+        """``UpdateParticipant``: empty name or metadata leave them unchanged; attributes are
+        merged, ``""`` deleting a key. Everyone in the room (the participant too) is told."""
+        info = self._rooms.get(room)
+        participant = info.participants.get(identity) if info else None
+        if info is None or participant is None:
+            raise TwirpError("not_found", "participant does not exist")
+        exceeded = merge_update(participant, name=name, metadata=metadata,
+                                attributes=attributes or {})
+        if exceeded:
+            raise TwirpError("invalid_argument", f"{exceeded} exceeds the limit")
+        self._participant_changed(info, participant)
+        return participant
+
+    async def update_room_metadata(self, room: str, metadata: str) -> models.Room:
+        """``UpdateRoomMetadata``: participants get ``room_update`` at once."""
+        info = self._rooms.get(room)
+        if info is None:
+            raise TwirpError("not_found", "requested room does not exist")
+        _check_size("metadata", metadata, MAX_METADATA_BYTES)
+        info.room.metadata = metadata
+        for session in info.sessions.values():
+            if session.hears:
+                session.post(rtc_proto.SignalResponse(
+                    room_update=rtc_proto.RoomUpdate(room=info.room)))
+        self._changed()
+        return info.room
+
+    async def send_data(self, room: str, data: bytes, *, kind: int = models.DataPacket.RELIABLE,
+                        destination_identities: Iterable[str] = (), topic: str | None = None,
+                        nonce: bytes = b"") -> None:
+        """``SendData``: a ``UserPacket`` from the server, over the data channels of the
+        participants on ``/rtc`` (all, or those of ``destination_identities``)."""
+        info = self._rooms.get(room)
+        if info is None:
+            raise TwirpError("not_found", "requested room does not exist")
+        if len(nonce) not in (0, 16):
+            raise TwirpError("invalid_argument", "nonce should be 16-bytes or not present")
+        targets = set(destination_identities)
+        user = models.UserPacket(payload=data, destination_identities=sorted(targets),
+                                 nonce=nonce)
+        if topic is not None:
+            user.topic = topic
+        packet = server_packet(user, kind, sorted(targets))
+        label = LOSSY if kind == models.DataPacket.LOSSY else RELIABLE
+        for identity, session in info.sessions.items():
+            if session.hears and (not targets or identity in targets):
+                session.deliver(label, packet)
+
+    def _leave(self, info: RoomInfo, identity: str,
+                     reason: int = Reason.CLIENT_INITIATED) -> None:
+        """``Room.RemoveParticipant``: out of the room (told with ``leave`` if on ``/rtc``),
+        the others told, and a job whose agent it was terminated."""
         participant = info.participants.pop(identity)
+        session = info.sessions.pop(identity, None)
+        if session is not None:
+            session.removed = True
+            session.settled.set()
+            if reason == Reason.SIGNAL_CLOSE:
+                session.end()  # its socket is gone: nothing to tell it
+            else:
+                session.leave(reason)
+        participant.state = models.ParticipantInfo.DISCONNECTED
+        participant.disconnect_reason = reason  # type: ignore[assignment]
+        self._broadcast(info, participant, to_self=False)
+        logger.info("participant %s left room %s (%s)", identity, info.room.name,
+                    models.DisconnectReason.Name(reason))
         if not _dependent(participant):
             info.room.num_participants -= 1
             if info.humans == 0:
@@ -330,7 +434,112 @@ class DevServer:
             info.room.num_publishers -= 1
         for job_id in info.job_ids:
             if self._jobs[job_id].participant_identity == identity:
-                await self._terminate(job_id, agent.JS_FAILED, AGENT_LEFT_ROOM)
+                self._terminate(job_id, agent.JS_FAILED, AGENT_LEFT_ROOM)
+
+    # -- participants on /rtc ----------------------------------------------------------------
+
+    async def _rtc(self, request: Request, claims: Claims | None) -> Response | SessionHandler:
+        """``/rtc/v1``, ``/rtc``, and their ``/validate``: the join happens here, before the
+        upgrade; the session (``_rtc.run_session``) then runs on the websocket."""
+        validate = request.path.endswith("/validate")
+        if not validate and not request.wants_websocket:
+            return Response(404, NOT_FOUND)
+        params = parse_join(request, claims)
+        if isinstance(params, Response):
+            return params
+        try:
+            await self.media.ensure_started(self._nursery)
+        except (MissingExtraError, ConfigError) as exc:
+            logger.error("a participant cannot join: %s", exc)
+            return Response(500, f"{exc}\n".encode())
+        if validate:
+            return Response(200, b"success")
+        if params.reconnect:
+            return functools.partial(_refuse_resume, params)
+        session = await self._join(params)
+        return functools.partial(run_session, self, session)
+
+    async def _join(self, params: JoinParams) -> Session:
+        await self.create_room(params.room)  # room.auto_create
+        info = self._rooms[params.room]
+        if params.identity in info.participants:
+            self._leave(info, params.identity, Reason.DUPLICATE_IDENTITY)
+        session = Session(params, participant_info(params), info)
+        info.sessions[params.identity] = session
+        self._admit(info, session.info)
+        self._nursery.start_soon(self._join_deadline, session)
+        logger.info("participant %s joined room %s", params.identity, params.room)
+        self._changed()
+        return session
+
+    async def _join_deadline(self, session: Session) -> None:
+        """livekit-server's one-minute rule: not ACTIVE by then, removed (JOIN_FAILURE)."""
+        with trio.move_on_after(self.join_timeout):
+            await session.settled.wait()
+        if not session.settled.is_set():
+            logger.info("participant %s did not complete WebRTC within %s s: removing it",
+                        session.identity, self.join_timeout)
+            self._remove_session(session, Reason.JOIN_FAILURE)
+
+    def _remove_session(self, session: Session, reason: int) -> None:
+        if session.removed:
+            return
+        info = session.room
+        if self._rooms.get(info.room.name) is not info or info.sessions.get(
+                session.identity) is not session:
+            session.removed = True
+            session.settled.set()
+            session.end()
+            return
+        self._leave(info, session.identity, reason)
+        self._changed()
+
+    def _participant_joined(self, session: Session) -> None:
+        """``JoinResponse`` is on its way: JOINED, and the others are told."""
+        if session.removed:
+            return
+        session.info.state = models.ParticipantInfo.JOINED
+        self._broadcast(session.room, session.info, to_self=False)
+        self._changed()
+
+    def _participant_active(self, session: Session) -> None:
+        """Its peer connection is up: ACTIVE."""
+        if session.removed or session.info.state == models.ParticipantInfo.ACTIVE:
+            return
+        session.info.state = models.ParticipantInfo.ACTIVE
+        session.settled.set()
+        self._broadcast(session.room, session.info, to_self=False)
+        session.flush()
+        self._changed()
+
+    def _participant_changed(self, info: RoomInfo, participant: models.ParticipantInfo) -> None:
+        """Name, metadata or attributes changed: everyone is told at once, itself included
+        (with a refreshed token, as its claims changed)."""
+        from ._rtc import refresh_token
+
+        self._broadcast(info, participant, to_self=True)
+        session = info.sessions.get(participant.identity)
+        if session is not None:
+            session.post(rtc_proto.SignalResponse(refresh_token=refresh_token(self, session)))
+        self._changed()
+
+    def _broadcast(self, info: RoomInfo, participant: models.ParticipantInfo, *,
+                   to_self: bool) -> None:
+        """A ``ParticipantUpdate`` with ``participant``'s info (its version bumped) to the
+        participants on ``/rtc``; a hidden participant is shown to no one else.
+
+        livekit-server batches join/leave/state updates of non-publishers for up to 3 s;
+        here every update is sent at once (an order the batching could also produce).
+        """
+        participant.version += 1
+        update = rtc_proto.SignalResponse(
+            update=rtc_proto.ParticipantUpdate(participants=[participant]))
+        for identity, session in info.sessions.items():
+            if identity == participant.identity:
+                if to_self and session.hears:
+                    session.post(update)
+            elif session.hears and not participant.permission.hidden:
+                session.post(update)
 
     def drop_worker(self, worker_id: str) -> None:
         """Drop a worker's connection as a network failure would: the server forgets it at
@@ -453,10 +662,14 @@ class DevServer:
         except WebSocketClosed:
             logger.warning("worker %s closed before its assignment", worker.id)
 
-    async def _terminate(self, job_id: str, status: agent.JobStatus,
-                         error: str) -> None:
+    def _terminate(self, job_id: str, status: agent.JobStatus, error: str) -> None:
         """``JobTerminate``: only for a job still running on a connected worker. The job
-        ends now; the server does not wait for the worker."""
+        ends now; the server does not wait for the worker.
+
+        The ``JobTermination`` is written by a task of the server: whoever ended the job (a
+        participant's own session, leaving) may be cancelled right after, and the worker
+        must still be told.
+        """
         record = self._jobs.get(job_id)
         if record is None or record.ended or not record.worker_id:
             return
@@ -465,9 +678,12 @@ class DevServer:
             return
         worker.running_job_ids.discard(job_id)
         record.set_status(status, error)
+        self._nursery.start_soon(self._send_quietly, worker, agent.ServerMessage(
+            termination=agent.JobTermination(job_id=job_id)))
+
+    async def _send_quietly(self, worker: WorkerInfo, message: agent.ServerMessage) -> None:
         try:
-            await self._send(worker, agent.ServerMessage(
-                termination=agent.JobTermination(job_id=job_id)))
+            await self._send(worker, message)
         except WebSocketClosed:
             pass
 
@@ -507,6 +723,8 @@ class DevServer:
             if claims is None or claims.video is None or not claims.video.agent:
                 return Response(401, b"no permissions to access the room")
             return functools.partial(self._agent_session, api_key=claims.api_key)
+        if request.path in RTC_PATHS:
+            return await self._rtc(request, claims)
         if request.path.startswith("/twirp/"):
             return await handle_twirp(self, request, claims)
         if request.path == "/" and request.method in ("GET", "HEAD"):
@@ -684,6 +902,19 @@ class DevServer:
         self._nursery.start_soon(assign)
 
 
+async def _refuse_resume(params: JoinParams, socket: WebSocket) -> None:
+    """Resuming is not modelled: the client is told to join afresh (``leave`` RECONNECT)."""
+    logger.info("participant %s asked to resume its session: told to rejoin", params.identity)
+    leave = rtc_proto.LeaveRequest(reason=Reason.STATE_MISMATCH, can_reconnect=True)
+    if params.client.protocol >= 13:
+        leave.action = rtc_proto.LeaveRequest.RECONNECT
+    try:
+        await socket.send(rtc_proto.SignalResponse(leave=leave).SerializeToString())
+    except WebSocketClosed:
+        return
+    await socket.close()
+
+
 def _check_options(api_key: str, api_secret: str, availability_timeout: float,
                    register_timeout: float) -> None:
     if not api_key or not api_secret:
@@ -753,6 +984,8 @@ async def open_dev_server(
     register_timeout: float = REGISTER_TIMEOUT,
     listen: bool = True,
     rng: random.Random | None = None,
+    rtc_address: str | None = None,
+    join_timeout: float = JOIN_TIMEOUT,
 ) -> AsyncIterator[DevServer]:
     """Run a dev server for the duration of the block; everything it started ends with it.
 
@@ -765,6 +998,11 @@ async def open_dev_server(
         listen: ``False`` binds nothing: serve connections with ``dev.handle_stream``
             (in-memory tests in virtual time).
         rng: the source of the weighted worker choice (seed it for reproducible tests).
+        rtc_address: the one host address WebRTC is offered on (never loopback: WebRTC does
+            not use it); default: the first non-loopback IPv4 address of this host. Only
+            participants joining on ``/rtc`` need it (and the ``devserver-rtc`` extra).
+        join_timeout: how long a participant has to complete WebRTC before it is removed
+            with ``JOIN_FAILURE`` (60 s, as livekit-server; ``math.inf`` disables it).
     Raises:
         ConfigError: the address cannot be listened on (e.g. the port is in use).
     """
@@ -784,7 +1022,8 @@ async def open_dev_server(
         async with trio.open_nursery() as nursery:
             dev = DevServer(nursery, api_key=api_key, api_secret=api_secret,
                             availability_timeout=availability_timeout,
-                            register_timeout=register_timeout, rng=rng)
+                            register_timeout=register_timeout, rng=rng,
+                            rtc_address=rtc_address, join_timeout=join_timeout)
             if listeners:
                 dev.host = host
                 dev.port = listeners[0].socket.getsockname()[1]
@@ -796,6 +1035,9 @@ async def open_dev_server(
                 raise
             finally:
                 dev._close()
+                if dev.media.peers:  # let the sessions close their peers while the loop runs
+                    with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
+                        await dev.wait_until(lambda: not dev.media.peers)
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The block's own error, alone: raise it as it was raised, not wrapped in the group

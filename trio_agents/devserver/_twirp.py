@@ -91,6 +91,22 @@ async def _remove_participant(dev: DevServer, req: room.RoomParticipantIdentity)
     return room.RemoveParticipantResponse()
 
 
+async def _update_participant(dev: DevServer, req: room.UpdateParticipantRequest) -> Message:
+    return await dev.update_participant(req.room, req.identity, metadata=req.metadata,
+                                        name=req.name, attributes=dict(req.attributes))
+
+
+async def _update_room_metadata(dev: DevServer, req: room.UpdateRoomMetadataRequest) -> Message:
+    return await dev.update_room_metadata(req.room, req.metadata)
+
+
+async def _send_data(dev: DevServer, req: room.SendDataRequest) -> Message:
+    await dev.send_data(req.room, req.data, kind=req.kind,
+                        destination_identities=req.destination_identities,
+                        topic=req.topic if req.HasField("topic") else None, nonce=req.nonce)
+    return room.SendDataResponse()
+
+
 async def _create_dispatch(dev: DevServer,
                            req: agent_dispatch.CreateAgentDispatchRequest) -> Message:
     return await dev.create_dispatch(req.room, req.agent_name, metadata=req.metadata,
@@ -118,6 +134,11 @@ ROUTES: Final[dict[str, Route]] = {
                                         "room_admin", "room"),
     "RoomService/RemoveParticipant": Route(room.RoomParticipantIdentity, _remove_participant,
                                            "room_admin", "room"),
+    "RoomService/UpdateParticipant": Route(room.UpdateParticipantRequest, _update_participant,
+                                           "room_admin", "room"),
+    "RoomService/UpdateRoomMetadata": Route(room.UpdateRoomMetadataRequest,
+                                            _update_room_metadata, "room_admin", "room"),
+    "RoomService/SendData": Route(room.SendDataRequest, _send_data, "room_admin", "room"),
     "AgentDispatchService/CreateDispatch": Route(agent_dispatch.CreateAgentDispatchRequest,
                                                  _create_dispatch, "room_admin", "room"),
     "AgentDispatchService/ListDispatch": Route(agent_dispatch.ListAgentDispatchRequest,
