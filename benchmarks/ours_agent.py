@@ -2,7 +2,8 @@
 
 Both do the same: report "started" (and "finished") with time.monotonic(), which is
 system-wide on Linux, as a JSON line appended to $BENCH_EVENTS; then sleep if the dispatch
-metadata says "sleep:<seconds>"; then end the job. Neither joins the room.
+metadata says "sleep:<seconds>"; then end the job. Only with "connect:<seconds>" do they
+join the room (and report "connected"), then stay for that long.
 """
 
 import json
@@ -13,6 +14,11 @@ import time
 import trio
 
 from trio_agents import AgentServer, JobContext, cli
+
+if os.environ.get("BENCH_ROOM"):
+    # an agent that joins rooms imports the realtime SDK at the top, as the examples do
+    # (the zygote then shares it with every job process)
+    from livekit import rtc  # noqa: F401
 
 
 def record(event: str, job_id: str) -> None:
@@ -39,6 +45,10 @@ async def entrypoint(ctx: JobContext) -> None:
     record("started", ctx.job.id)
     action, _, arg = ctx.job.metadata.partition(":")
     if action == "sleep":
+        await trio.sleep(float(arg))
+    elif action == "connect":
+        await ctx.connect()
+        record("connected", ctx.job.id)
         await trio.sleep(float(arg))
     record("finished", ctx.job.id)
     ctx.shutdown("done")

@@ -34,6 +34,10 @@ async def entrypoint(ctx: JobContext) -> None:
     action, _, arg = ctx.job.metadata.partition(":")
     if action == "sleep":
         await asyncio.sleep(float(arg))
+    elif action == "connect":
+        await ctx.connect()
+        record("connected", ctx.job.id)
+        await asyncio.sleep(float(arg))
     record("finished", ctx.job.id)
     ctx.shutdown("done")  # in livekit-agents returning does not end the job
 

@@ -16,7 +16,8 @@ Two lives per agent and repeat:
   idle memory after prewarm;
 * load threshold disabled (``load_fnc`` → 0, ``load_threshold`` = inf, so a busy 2-core
   machine refuses nothing): sequential dispatch, burst, memory per running job, termination,
-  drain.
+  drain; then, in a fresh agent, jobs that join their room (``ctx.connect()``: the realtime
+  SDK completing WebRTC with the dev server), one after another: connect time and memory.
 
 A protocol-only worker (null_worker.py) runs the sequential scenario too: the floor that the
 dev server, websocket and protobuf put under any Python worker on this machine.
@@ -61,6 +62,7 @@ from trio_agents.devserver import DevServer, JobInfo, open_dev_server  # noqa: E
 POLL: Final = 0.005  # how often the harness reads the agents' event files (timestamps are theirs)
 SEQUENTIAL, SEQUENTIAL_QUICK = 50, 10
 BURST, LOADED, DRAINING = 20, 10, 5
+IN_ROOM: Final = 5  # jobs that join their room (WebRTC with the dev server), one at a time
 
 
 # -- environment --------------------------------------------------------------------------
@@ -142,7 +144,8 @@ def event_time(events: list[dict[str, Any]], job_id: str, kind: str = "started")
 
 
 @asynccontextmanager
-async def agent_process(name: str, dev: DevServer, *, no_load: bool) -> AsyncIterator[Agent]:
+async def agent_process(name: str, dev: DevServer, *, no_load: bool,
+                        room: bool = False) -> AsyncIterator[Agent]:
     """One agent server in its own session; its whole process tree is killed on the way out."""
     if name == "ours":
         argv = [sys.executable, str(HERE / "ours_agent.py"), "start", "--log-level",
@@ -159,6 +162,8 @@ async def agent_process(name: str, dev: DevServer, *, no_load: bool) -> AsyncIte
                BENCH_IDLE=str(IDLE), PYTHONPATH=str(ROOT))
     if no_load:
         env["BENCH_NO_LOAD"] = "1"
+    if room:
+        env["BENCH_ROOM"] = "1"
     with (workdir / "agent.log").open("w") as log:
         process = await trio.lowlevel.open_process(
             argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -386,6 +391,30 @@ async def run_loaded(name: str, dev: DevServer, *, sequential_jobs: int,
     return result
 
 
+async def run_room(name: str, dev: DevServer, *, repeat: int) -> dict[str, Any]:
+    """Jobs that join their room: entrypoint → connected, and memory per connected job."""
+    known = set(dev.workers)
+    async with agent_process(name, dev, no_load=True, room=True) as agent:
+        await wait_registered(dev, known, agent)
+        await settle(agent)
+        baseline = tree_pss_mb(agent)
+        latencies, pids = [], set()
+        for n in range(IN_ROOM):
+            (job,) = await dispatch_all(dev, [f"{name}{repeat}-room-{n}"], "connect:600")
+            events = await agent.wait_events(
+                lambda ev: event_time(ev, job.job.id, "connected") is not None)
+            started = event_time(events, job.job.id)
+            connected = event_time(events, job.job.id, "connected")
+            assert started is not None and connected is not None
+            latencies.append(connected - started)
+            pids.update(e["pid"] for e in events if e["job_id"] == job.job.id)
+        await settle(agent)
+        loaded = tree_pss_mb(agent)
+        return {"room_connect": latencies,
+                "room_per_job_pss_mb": (loaded - baseline) / IN_ROOM,
+                "room_job_process_pss_mb": sum(pss_kib(p) for p in pids) / 1024 / len(pids)}
+
+
 async def run_floor(dev: DevServer, *, sequential_jobs: int, repeat: int) -> dict[str, Any]:
     known = set(dev.workers)
     async with agent_process("null", dev, no_load=True) as agent:
@@ -448,11 +477,12 @@ def pct(values: list[float], q: float) -> float:
 
 
 LATENCIES: Final = ("seq_offer_answer", "seq_answer_assign", "seq_assign_started",
-                    "seq_offer_started")
+                    "seq_offer_started", "room_connect")
 SCALARS: Final = ("cold_start_s", "idle_tree_pss_mb", "idle_processes", "cold_start_noload_s",
                   "per_job_pss_mb", "main_pss_growth_per_job_mb", "job_process_pss_mb",
                   "burst_last_offered_s", "burst_all_started_s", "burst_all_finished_s",
-                  "termination_s", "drain_exit_s", "drain_after_last_job_s")
+                  "termination_s", "drain_exit_s", "drain_after_last_job_s",
+                  "room_per_job_pss_mb", "room_job_process_pss_mb")
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -494,6 +524,9 @@ ROWS: Final[list[tuple[str, str, float | None]]] = [
     ("termination_s", "JobTermination of a sleeping job → process gone (s)", 0.5),
     ("drain_exit_s", "drain, 5 jobs sleeping 3 s: SIGTERM → exit (s)", None),
     ("drain_after_last_job_s", "drain: last job finished → exit (s)", None),
+    ("room_connect_p50_ms", "room: entrypoint → ctx.connect() done, p50 (ms)", None),
+    ("room_connect_max_ms", "room: entrypoint → ctx.connect() done, max (ms)", None),
+    ("room_per_job_pss_mb", f"room: PSS per connected job, {IN_ROOM} jobs (MiB)", None),
 ]
 
 
@@ -566,7 +599,10 @@ async def main() -> None:
     logging.getLogger("trio_agents.devserver").setLevel(logging.INFO)
     t_start = time.monotonic()
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "peer": [], "floor": []}
-    async with open_dev_server(host="127.0.0.1", port=0) as dev:
+    # signaling on loopback; WebRTC on this host's own address (BENCH_RTC_ADDRESS to choose):
+    # it never uses loopback, and nothing leaves the machine
+    async with open_dev_server(host="127.0.0.1", port=0,
+                               rtc_address=os.environ.get("BENCH_RTC_ADDRESS")) as dev:
         interop_text = await interop(dev, devlog)
         print(interop_text, flush=True)
         if args.interop_only:
@@ -581,6 +617,10 @@ async def main() -> None:
                       flush=True)
                 runs[name][-1].update(await run_loaded(name, dev, sequential_jobs=sequential_jobs,
                                                        repeat=repeat))
+            for name in order:
+                print(f"repeat {repeat + 1}/{repeats}: {name}, jobs in their rooms...",
+                      flush=True)
+                runs[name][-1].update(await run_room(name, dev, repeat=repeat))
             print(f"repeat {repeat + 1}/{repeats}: protocol-only worker...", flush=True)
             runs["floor"].append(await run_floor(dev, sequential_jobs=sequential_jobs,
                                                  repeat=repeat))
