@@ -415,6 +415,21 @@ async def run_room(name: str, dev: DevServer, *, repeat: int) -> dict[str, Any]:
                 "room_job_process_pss_mb": sum(pss_kib(p) for p in pids) / 1024 / len(pids)}
 
 
+async def warm_rtc(dev: DevServer) -> None:
+    """Start the dev server's WebRTC side (it starts on the first /rtc request, importing
+    aiortc), so that whoever joins a room first does not pay for it."""
+    import httpx
+
+    from trio_agents._auth import VideoGrants, create_token
+
+    token = create_token(dev.api_key, dev.api_secret, identity="warm-up",
+                         video=VideoGrants(room_join=True, room="warm-up"))
+    async with httpx.AsyncClient() as client:
+        response = await client.get(dev.url.replace("ws://", "http://") + "/rtc/validate",
+                                    headers={"authorization": f"Bearer {token}"})
+    response.raise_for_status()
+
+
 async def run_floor(dev: DevServer, *, sequential_jobs: int, repeat: int) -> dict[str, Any]:
     known = set(dev.workers)
     async with agent_process("null", dev, no_load=True) as agent:
@@ -617,6 +632,7 @@ async def main() -> None:
                       flush=True)
                 runs[name][-1].update(await run_loaded(name, dev, sequential_jobs=sequential_jobs,
                                                        repeat=repeat))
+            await warm_rtc(dev)
             for name in order:
                 print(f"repeat {repeat + 1}/{repeats}: {name}, jobs in their rooms...",
                       flush=True)
