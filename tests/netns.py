@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import socket
 import subprocess
 import threading
 from typing import Final
 
-import psutil
+from trio_agents.devserver._media import host_address
 
 #: The address the dev server advertises inside the namespace (the other veth end is .2).
 NETNS_ADDRESS: Final = "10.203.0.1"
@@ -70,22 +69,11 @@ def enter_private_network() -> None:
     _state["address"] = NETNS_ADDRESS
 
 
-def _host_address() -> str | None:
-    stats = psutil.net_if_stats()
-    for name, addrs in psutil.net_if_addrs().items():
-        if name == "lo" or not (name in stats and stats[name].isup):
-            continue
-        for addr in addrs:
-            if addr.family == socket.AF_INET and not addr.address.startswith("127."):
-                return addr.address
-    return None
-
-
 def rtc_address() -> tuple[str | None, str]:
     """The address WebRTC can use here and where it comes from, or ``None`` and why not."""
     if "address" in _state:
         return _state["address"], "private network namespace"
-    host = _host_address()
+    host = host_address()
     if host is not None:
         return host, f"host address ({_state.get('skipped', 'no namespace')})"
     return None, ("WebRTC needs a non-loopback IPv4 address and there is none: no private "

@@ -22,7 +22,7 @@ from livekit.protocol import agent, models, rtc
 from livekit.protocol import room as room_proto
 
 from trio_agents._auth import VideoGrants, create_token
-from trio_agents.api import LiveKitAPI
+from trio_agents.api import LiveKitAPI, TwirpError
 from trio_agents.devserver import DevServer, open_dev_server
 from trio_agents.devserver._http import Request
 from trio_agents.devserver._rtc import JoinParams, decode_join_request, merge_update, parse_join, recipients
@@ -253,7 +253,7 @@ async def test_twirp_methods_reach_the_participants(dev: DevServer) -> None:
         assert (info.name, dict(info.attributes)) == ("A", {"k": "v"})
         assert (await alice.update_of("alice", name="A")).attributes["k"] == "v"
         await api.room.send_data(room_proto.SendDataRequest(room="r", data=b"x"))  # no channel
-        with pytest.raises(Exception, match="nonce"):
+        with pytest.raises(TwirpError, match="nonce"):
             await api.room.send_data(room_proto.SendDataRequest(room="r", data=b"x",
                                                                 nonce=b"short"))
         await api.room.remove_participant(room_proto.RoomParticipantIdentity(

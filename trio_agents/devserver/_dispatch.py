@@ -25,6 +25,11 @@ AGENT_NAME_KEY: Final = "lk.agent.name"
 _ALPHABET: Final = string.ascii_letters + string.digits
 
 
+def attributes_size(attributes: Mapping[str, str]) -> int:
+    """What counts against ``MAX_ATTRIBUTES_BYTES``: every key and value, UTF-8."""
+    return sum(len(k.encode()) + len(v.encode()) for k, v in attributes.items())
+
+
 def new_id(prefix: str) -> str:
     """``guid.New(prefix)``: the prefix and 12 random base62 characters."""
     return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(12))

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, final
+from typing import Final, TypeVar, final
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import h11
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError, Message
 import trio
 import wsproto
 import wsproto.events as ws_events
@@ -208,6 +210,33 @@ def _join(parts: list[bytes | str]) -> bytes | str:
     if isinstance(parts[0], bytes):
         return b"".join(p for p in parts if isinstance(p, bytes))
     return "".join(p for p in parts if isinstance(p, str))
+
+
+M = TypeVar("M", bound=Message)
+
+
+def encode_frame(message: Message, as_json: bool) -> bytes | str:
+    """A protobuf message as livekit-server writes it: binary, or protojson (lowerCamelCase
+    names, unpopulated fields left out) in a text frame to a client that spoke JSON."""
+    if as_json:
+        return json_format.MessageToJson(message, indent=None)
+    return message.SerializeToString()
+
+
+def decode_frame(data: bytes | str, message_type: type[M]) -> M:
+    """A frame as a ``message_type`` (binary: protobuf, text: protojson).
+
+    Raises ``ValueError`` if it is neither.
+    """
+    message = message_type()
+    try:
+        if isinstance(data, bytes):
+            message.ParseFromString(data)
+        else:
+            json_format.Parse(data, message)
+    except (DecodeError, json_format.ParseError) as exc:
+        raise ValueError(str(exc)) from exc
+    return message
 
 
 #: Runs with an accepted websocket; when it returns, the connection is dropped (no close frame).

@@ -75,16 +75,28 @@ def _restrict_host_addresses() -> None:
     aioice.ice.get_host_addresses = host_addresses
 
 
-def default_rtc_address() -> str:
-    """The first IPv4 address of this host that is not loopback."""
-    import ifaddr
+def host_address() -> str | None:
+    """The first IPv4 address of an interface of this host that is up and not loopback."""
+    import socket
 
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
-                return ip.ip
-    raise ConfigError("the dev server found no non-loopback IPv4 address to offer WebRTC on "
-                      "(WebRTC never uses loopback); pass rtc_address= / --rtc-address")
+    import psutil
+
+    stats = psutil.net_if_stats()
+    for name, addresses in psutil.net_if_addrs().items():
+        if name in stats and stats[name].isup:
+            for address in addresses:
+                if address.family == socket.AF_INET and not address.address.startswith("127."):
+                    return str(address.address)
+    return None
+
+
+def default_rtc_address() -> str:
+    """``host_address()``, or a clear error when this host has none."""
+    address = host_address()
+    if address is None:
+        raise ConfigError("the dev server found no non-loopback IPv4 address to offer WebRTC "
+                          "on (WebRTC never uses loopback); pass rtc_address= / --rtc-address")
+    return address
 
 
 @attrs.frozen
@@ -109,7 +121,6 @@ class MediaHost:
         self._rtc_address = rtc_address
         self._loop: Any = None
         self._lock = trio.Lock()
-        self._stopped = trio.Event()
         self.peers: set[Peer] = set()
 
     @property
@@ -194,11 +205,8 @@ class Peer:
         self._events = events
         self.pc: Any = None
         self.channels: dict[str, RTCDataChannel] = {}
-        self.connected = False
 
     def post(self, event: PeerEvent) -> None:
-        if event.kind == "state" and event.value == "connected":
-            self.connected = True
         try:
             self._events.send_nowait(event)
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):

@@ -32,13 +32,18 @@ from typing import TYPE_CHECKING, Final, final
 
 import attrs
 import trio
-from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from livekit.protocol import models, rtc
 
 from .._auth import Claims, VideoGrants, create_token
-from ._dispatch import MAX_ATTRIBUTES_BYTES, MAX_METADATA_BYTES, MAX_NAME_BYTES, new_id
-from ._http import Request, Response, WebSocket, WebSocketClosed
+from ._dispatch import (
+    MAX_ATTRIBUTES_BYTES,
+    MAX_METADATA_BYTES,
+    MAX_NAME_BYTES,
+    attributes_size,
+    new_id,
+)
+from ._http import Request, Response, WebSocket, WebSocketClosed, decode_frame, encode_frame
 from ._media import LOSSY, RELIABLE, Peer, PeerEvent
 
 if TYPE_CHECKING:
@@ -145,7 +150,7 @@ def parse_join(request: Request, claims: Claims | None) -> JoinParams | Response
             except (binascii.Error, ValueError, AttributeError):
                 if request.path.endswith("/validate"):
                     return Response(400, b"cannot decode attributes")
-    if len(metadata.encode()) > MAX_METADATA_BYTES or _attributes_size(attributes) > \
+    if len(metadata.encode()) > MAX_METADATA_BYTES or attributes_size(attributes) > \
             MAX_ATTRIBUTES_BYTES:
         return Response(400, b"metadata or attributes exceed the server's limits")
     return JoinParams(
@@ -193,10 +198,6 @@ def _client_info(request: Request) -> models.ClientInfo:
         client_protocol=int(client_protocol) if client_protocol.lstrip("-").isdigit() else 0)
 
 
-def _attributes_size(attributes: Mapping[str, str]) -> int:
-    return sum(len(k.encode()) + len(v.encode()) for k, v in attributes.items())
-
-
 def merge_update(info: models.ParticipantInfo, *, name: str, metadata: str,
                  attributes: Mapping[str, str]) -> str:
     """Apply ``UpdateParticipantMetadata`` / ``UpdateParticipant`` rules to ``info``: empty
@@ -212,7 +213,7 @@ def merge_update(info: models.ParticipantInfo, *, name: str, metadata: str,
             merged[key] = value
         else:
             merged.pop(key, None)
-    if _attributes_size(merged) > MAX_ATTRIBUTES_BYTES:
+    if attributes_size(merged) > MAX_ATTRIBUTES_BYTES:
         return "attributes"
     if name:
         info.name = name
@@ -295,6 +296,15 @@ class Session:
         except trio.ClosedResourceError:
             pass
 
+    def remove(self, reason: int) -> None:
+        """It is out of its room: tell it (unless its socket is what went away), close."""
+        self.removed = True
+        self.settled.set()
+        if reason == Reason.SIGNAL_CLOSE:
+            self.end()  # nothing to tell it
+        else:
+            self.leave(reason)
+
     def leave(self, reason: int) -> None:
         """Tell it to go (``leave`` with DISCONNECT), then close its signal connection."""
         leave = rtc.LeaveRequest(reason=reason)  # type: ignore[arg-type]
@@ -328,23 +338,8 @@ class Session:
         async for message in self._outbox:
             if message is None:
                 break
-            await socket.send(encode(message, self.json))
+            await socket.send(encode_frame(message, self.json))
         await socket.close()
-
-
-def encode(message: rtc.SignalResponse, as_json: bool) -> bytes | str:
-    if as_json:
-        return json_format.MessageToJson(message, indent=None)
-    return message.SerializeToString()
-
-
-def decode(data: bytes | str) -> rtc.SignalRequest:
-    message = rtc.SignalRequest()
-    if isinstance(data, bytes):
-        message.ParseFromString(data)
-    else:
-        json_format.Parse(data, message)
-    return message
 
 
 def refresh_token(dev: DevServer, session: Session) -> str:
@@ -436,8 +431,8 @@ async def _read(dev: DevServer, session: Session, socket: WebSocket) -> None:
             return
         session.json = isinstance(data, str)
         try:
-            message = decode(data)
-        except (DecodeError, json_format.ParseError, ValueError) as exc:
+            message = decode_frame(data, rtc.SignalRequest)
+        except ValueError as exc:
             logger.info("participant %s sent an unreadable signal message (%s): closing",
                         session.identity, exc)
             return

@@ -29,8 +29,6 @@ from contextlib import asynccontextmanager
 from typing import Final, NoReturn, final
 
 import trio
-from google.protobuf import json_format
-from google.protobuf.message import DecodeError
 from livekit.protocol import agent, agent_dispatch, models
 from livekit.protocol import rtc as rtc_proto
 
@@ -42,6 +40,7 @@ from ._dispatch import (
     MAX_METADATA_BYTES,
     MAX_NAME_BYTES,
     Candidate,
+    attributes_size,
     default_permissions,
     job_token,
     new_id,
@@ -49,7 +48,16 @@ from ._dispatch import (
     validate_deployment,
     validate_registration,
 )
-from ._http import Request, Response, SessionHandler, WebSocket, WebSocketClosed, serve_http
+from ._http import (
+    Request,
+    Response,
+    SessionHandler,
+    WebSocket,
+    WebSocketClosed,
+    decode_frame,
+    encode_frame,
+    serve_http,
+)
 from ._media import LOSSY, RELIABLE, MediaHost
 from ._records import JobInfo, Pending, RoomInfo, WorkerInfo, now_ns
 from ._rtc import (
@@ -60,6 +68,7 @@ from ._rtc import (
     merge_update,
     parse_join,
     participant_info,
+    refresh_token,
     run_session,
     server_packet,
 )
@@ -231,9 +240,7 @@ class DevServer:
         room._closer.deadline = -math.inf  # its idle task ends now
         reason = Reason.ROOM_DELETED if every_job else Reason.ROOM_CLOSED
         for session in list(room.sessions.values()):
-            session.removed = True
-            session.settled.set()
-            session.leave(reason)
+            session.remove(reason)
         joined = set(room.participants)
         for job_id in room.job_ids:
             if every_job or self._jobs[job_id].participant_identity in joined:
@@ -414,12 +421,7 @@ class DevServer:
         participant = info.participants.pop(identity)
         session = info.sessions.pop(identity, None)
         if session is not None:
-            session.removed = True
-            session.settled.set()
-            if reason == Reason.SIGNAL_CLOSE:
-                session.end()  # its socket is gone: nothing to tell it
-            else:
-                session.leave(reason)
+            session.remove(reason)
         participant.state = models.ParticipantInfo.DISCONNECTED
         participant.disconnect_reason = reason  # type: ignore[assignment]
         self._broadcast(info, participant, to_self=False)
@@ -482,17 +484,11 @@ class DevServer:
             self._remove_session(session, Reason.JOIN_FAILURE)
 
     def _remove_session(self, session: Session, reason: int) -> None:
-        if session.removed:
-            return
-        info = session.room
-        if self._rooms.get(info.room.name) is not info or info.sessions.get(
-                session.identity) is not session:
-            session.removed = True
-            session.settled.set()
-            session.end()
-            return
-        self._leave(info, session.identity, reason)
-        self._changed()
+        """A participant on ``/rtc`` leaves (unless it was removed already: every removal,
+        by ``_leave`` or with its room, marks the session)."""
+        if not session.removed:
+            self._leave(session.room, session.identity, reason)
+            self._changed()
 
     def _participant_joined(self, session: Session) -> None:
         """``JoinResponse`` is on its way: JOINED, and the others are told."""
@@ -515,8 +511,6 @@ class DevServer:
     def _participant_changed(self, info: RoomInfo, participant: models.ParticipantInfo) -> None:
         """Name, metadata or attributes changed: everyone is told at once, itself included
         (with a refreshed token, as its claims changed)."""
-        from ._rtc import refresh_token
-
         self._broadcast(info, participant, to_self=True)
         session = info.sessions.get(participant.identity)
         if session is not None:
@@ -776,7 +770,7 @@ class DevServer:
                 message, as_json = await _receive(socket)
                 kind = message.WhichOneof("message")
                 if kind == "ping":
-                    await socket.send(_encode(_pong(message), as_json))
+                    await socket.send(encode_frame(_pong(message), as_json))
                 elif kind == "register":
                     problem = validate_registration(message.register)
                     if problem:
@@ -825,7 +819,7 @@ class DevServer:
     async def _send(self, worker: WorkerInfo, message: agent.ServerMessage) -> None:
         if worker._socket is None:
             raise WebSocketClosed("worker is gone")
-        await worker._socket.send(_encode(message, worker._json))
+        await worker._socket.send(encode_frame(message, worker._json))
 
     async def _handle(self, worker: WorkerInfo, message: agent.WorkerMessage) -> None:
         kind = message.WhichOneof("message")
@@ -942,8 +936,7 @@ def _check_dispatch(deployment: str, metadata: str, attributes: Mapping[str, str
     if problem:
         raise TwirpError("invalid_argument", f"invalid deployment {deployment!r}: {problem}")
     _check_size("metadata", metadata, MAX_METADATA_BYTES)
-    size = sum(len(k.encode()) + len(v.encode()) for k, v in attributes.items())
-    if size > MAX_ATTRIBUTES_BYTES:
+    if attributes_size(attributes) > MAX_ATTRIBUTES_BYTES:
         raise TwirpError("invalid_argument",
                          f"attributes exceed the limit of {MAX_ATTRIBUTES_BYTES} bytes")
 
@@ -951,21 +944,10 @@ def _check_dispatch(deployment: str, metadata: str, attributes: Mapping[str, str
 async def _receive(socket: WebSocket) -> tuple[agent.WorkerMessage, bool]:
     """The next ``WorkerMessage`` and whether it came as protojson (a text frame)."""
     data = await socket.receive()
-    message = agent.WorkerMessage()
     try:
-        if isinstance(data, bytes):
-            message.ParseFromString(data)
-        else:
-            json_format.Parse(data, message)
-    except (DecodeError, json_format.ParseError, ValueError) as exc:
+        return decode_frame(data, agent.WorkerMessage), isinstance(data, str)
+    except ValueError as exc:
         raise _Closed(f"unparseable message: {exc}") from exc
-    return message, isinstance(data, str)
-
-
-def _encode(message: agent.ServerMessage, as_json: bool) -> bytes | str:
-    if as_json:  # protojson: lowerCamelCase names, unpopulated fields left out
-        return json_format.MessageToJson(message, indent=None)
-    return message.SerializeToString()
 
 
 def _pong(message: agent.WorkerMessage) -> agent.ServerMessage:
