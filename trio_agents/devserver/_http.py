@@ -38,7 +38,14 @@ PING_WRITE_TIMEOUT: Final = 2.0
 #: How long ``close`` waits for the peer's close frame.
 CLOSE_ECHO_TIMEOUT: Final = 1.0
 RECEIVE_SIZE: Final = 65536
-MAX_HEAD: Final = 64 * 1024
+#: Go's ``http.DefaultMaxHeaderBytes`` plus the 4 KiB slack its server allows; a longer
+#: request head is answered 431.
+MAX_HEAD: Final = (1 << 20) + 4096
+#: After an error answer with ``Connection: close``, how long what the client still sends is
+#: read and discarded (Go's ``rstAvoidanceDelay``), so that closing does not reset the
+#: connection before the client has read the answer.
+LINGER: Final = 0.5
+LINGER_BYTES: Final = 4 << 20
 
 
 @final
@@ -164,7 +171,7 @@ class WebSocket:
                 except WebSocketClosed:
                     return
             if write.cancelled_caught:
-                logger.info("websocket ping not written within %s s: closing", PING_WRITE_TIMEOUT)
+                logger.debug("websocket ping not written within %s s: closing", PING_WRITE_TIMEOUT)
                 await self.abort()
                 return
 
@@ -190,7 +197,7 @@ class WebSocket:
                                  else event.data)
                     size += len(event.data)
                     if size > MAX_MESSAGE:
-                        logger.info("websocket message over %d bytes: closing", MAX_MESSAGE)
+                        logger.debug("websocket message over %d bytes: closing", MAX_MESSAGE)
                         return
                     if event.message_finished:
                         await self._messages_send.send(_join(parts))
@@ -248,42 +255,74 @@ Handler = Callable[[Request], Awaitable["Response | SessionHandler"]]
 async def serve_http(stream: trio.abc.Stream, handler: Handler) -> None:
     """Serve one connection: requests (keep-alive) until it closes or upgrades.
 
-    Malformed requests get a plain-text 4xx and the connection is closed; they never raise.
-    The stream is closed on return.
+    Malformed requests get a plain-text 4xx and the connection is closed. Nothing raises out
+    of it (cancellation aside): this is the error boundary of one connection. An error of
+    ours while serving it is logged, answered 500 if no answer was started, and the
+    connection closed; the server and its other connections go on. The stream is closed on
+    return.
     """
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     try:
-        while True:
-            request = await _read_request(stream, conn)
-            if request is None:
-                return
-            if isinstance(request, Response):
-                await _respond(stream, conn, request, close=True)
-                return
-            result = await handler(request)
-            if isinstance(result, Response):
-                await _respond(stream, conn, result, close=request.wants_websocket)
-                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                    return
-                conn.start_next_cycle()
-                continue
-            if not request.wants_websocket:
-                raise AssertionError("a session handler for a request that is not an upgrade")
-            ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
-            try:
-                ws.initiate_upgrade_connection(list(request.raw_headers), request.target)
-            except wsproto.utilities.RemoteProtocolError as exc:
-                await _respond(stream, conn, Response(400, f"websocket: {exc}".encode()),
-                               close=True)
-                return
-            await stream.send_all(ws.send(ws_events.AcceptConnection()))
-            await _run_session(stream, ws, conn.trailing_data[0], result)
-            return
+        await _serve(stream, conn, handler)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return
+        pass
+    except Exception:
+        logger.exception("a connection failed on an error of the dev server; closing it "
+                         "(the server goes on)")
+        if conn.our_state is h11.SEND_RESPONSE:
+            with trio.move_on_after(CLOSE_ECHO_TIMEOUT):
+                try:
+                    await _respond(stream, conn, Response(500, b"internal server error\n"),
+                                   close=True)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
     finally:
         with trio.CancelScope(shield=True):
             await stream.aclose()
+
+
+async def _serve(stream: trio.abc.Stream, conn: h11.Connection, handler: Handler) -> None:
+    while True:
+        request = await _read_request(stream, conn)
+        if request is None:
+            return
+        if isinstance(request, Response):
+            await _respond(stream, conn, request, close=True)
+            await _linger(stream)
+            return
+        result = await handler(request)
+        if isinstance(result, Response):
+            await _respond(stream, conn, result, close=request.wants_websocket)
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return
+            conn.start_next_cycle()
+            continue
+        if not request.wants_websocket:
+            raise AssertionError("a session handler for a request that is not an upgrade")
+        ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+        try:
+            ws.initiate_upgrade_connection(list(request.raw_headers), request.target)
+        except wsproto.utilities.RemoteProtocolError as exc:
+            await _respond(stream, conn, Response(400, f"websocket: {exc}".encode()),
+                           close=True)
+            return
+        await stream.send_all(ws.send(ws_events.AcceptConnection()))
+        await _run_session(stream, ws, conn.trailing_data[0], result)
+        return
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Half-close, then read and drop what the client still sends, for a moment: closing a
+    socket with unread data resets it, and the client would lose the answer just sent."""
+    with trio.move_on_after(LINGER):
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+        discarded = 0
+        while discarded < LINGER_BYTES:
+            data = await stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                return
+            discarded += len(data)
 
 
 async def _run_session(stream: trio.abc.Stream, ws: wsproto.WSConnection, initial: bytes,
@@ -325,16 +364,34 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> Reques
         elif isinstance(event, h11.EndOfMessage):
             assert head is not None
             target = head.target.decode("latin-1")
-            parts = urlsplit(target)
+            try:
+                path, query = split_target(target)
+            except ValueError as exc:
+                return Response(400, f"bad request: {exc}".encode())
             return Request(
                 method=head.method.decode("latin-1"),
                 target=target,
-                path=parts.path,
-                query=parse_qs(parts.query, keep_blank_values=True),
+                path=path,
+                query=parse_qs(query, keep_blank_values=True),
                 headers={k.decode("latin-1"): v.decode("latin-1") for k, v in head.headers},
                 raw_headers=tuple((bytes(k), bytes(v)) for k, v in head.headers),
                 body=bytes(body),
             )
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """A request target's path and query, as Go's ``url.ParseRequestURI`` reads them: a target
+    starting with "/" is a path (``//[`` too: no authority is parsed there); an absolute URL
+    is parsed. Raises ``ValueError`` for what is neither."""
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+        return path, query
+    if target == "*":
+        return target, ""
+    parts = urlsplit(target)  # ValueError for e.g. "http://[": an unclosed IPv6 host
+    if not parts.scheme:
+        raise ValueError(f"invalid request target {target[:100]!r}")
+    return parts.path or "/", parts.query
 
 
 async def _respond(stream: trio.abc.Stream, conn: h11.Connection, response: Response, *,
