@@ -12,9 +12,10 @@ stream with no close frame (the client sees 1006).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, TypeVar, final
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 import h11
@@ -200,7 +201,10 @@ class WebSocket:
                         logger.debug("websocket message over %d bytes: closing", MAX_MESSAGE)
                         return
                     if event.message_finished:
-                        await self._messages_send.send(_join(parts))
+                        try:
+                            await self._messages_send.send(_join(parts))
+                        except trio.ClosedResourceError:
+                            return  # the session ended (``abort``) while this was read
                         parts, size = [], 0
             if self._closed:
                 return
@@ -241,8 +245,8 @@ def decode_frame(data: bytes | str, message_type: type[M]) -> M:
             message.ParseFromString(data)
         else:
             json_format.Parse(data, message)
-    except (DecodeError, json_format.ParseError) as exc:
-        raise ValueError(str(exc)) from exc
+    except (DecodeError, json_format.ParseError, RecursionError) as exc:
+        raise ValueError(str(exc) or type(exc).__name__) from exc
     return message
 
 
@@ -340,6 +344,7 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> Reques
     """The next request, a ``Response`` refusing it (400, 413), or ``None`` at EOF."""
     head: h11.Request | None = None
     body = bytearray()
+    received = 0  # this cycle's bytes: h11 bounds only a head that is still incomplete
     while True:
         try:
             event = conn.next_event()
@@ -349,10 +354,14 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> Reques
             if conn.they_are_waiting_for_100_continue:
                 await stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[]))
                                       or b"")
-            conn.receive_data(bytes(await stream.receive_some(RECEIVE_SIZE)))
+            data = bytes(await stream.receive_some(RECEIVE_SIZE))
+            received += len(data)
+            conn.receive_data(data)
         elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
             return None
         elif isinstance(event, h11.Request):
+            if received - len(conn.trailing_data[0]) > MAX_HEAD:
+                return Response(431, b"431 Request Header Fields Too Large")
             head = event
             length = dict(event.headers).get(b"content-length", b"0")
             if length.isdigit() and int(length) > MAX_BODY:
@@ -380,18 +389,27 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> Reques
 
 
 def split_target(target: str) -> tuple[str, str]:
-    """A request target's path and query, as Go's ``url.ParseRequestURI`` reads them: a target
-    starting with "/" is a path (``//[`` too: no authority is parsed there); an absolute URL
-    is parsed. Raises ``ValueError`` for what is neither."""
+    """A request target's path (percent-decoded) and raw query, as Go's
+    ``url.ParseRequestURI`` reads them: a target starting with "/" is a path (``//[`` too:
+    no authority is parsed there); an absolute URL is parsed. Raises ``ValueError`` for what
+    is neither, or for a bad percent escape (Go answers 400)."""
     if target.startswith("/"):
         path, _, query = target.partition("?")
-        return path, query
-    if target == "*":
+    elif target == "*":
         return target, ""
-    parts = urlsplit(target)  # ValueError for e.g. "http://[": an unclosed IPv6 host
-    if not parts.scheme:
-        raise ValueError(f"invalid request target {target[:100]!r}")
-    return parts.path or "/", parts.query
+    else:
+        parts = urlsplit(target)  # ValueError for e.g. "http://[": an unclosed IPv6 host
+        if not parts.scheme:
+            raise ValueError(f"invalid request target {target[:100]!r}")
+        path, query = parts.path or "/", parts.query
+    if _BAD_ESCAPE.search(path):
+        raise ValueError(f"invalid URL escape in {path[:100]!r}")
+    path = unquote(path, errors="replace")
+    # livekit-server's RemoveDoubleSlashes middleware: "//agent" is "/agent"
+    return (path[1:] if path.startswith("//") else path), query
+
+
+_BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 async def _respond(stream: trio.abc.Stream, conn: h11.Connection, response: Response, *,

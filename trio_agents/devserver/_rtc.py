@@ -30,7 +30,7 @@ import re
 import time
 import zlib
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, NoReturn, final
 
 import attrs
 import trio
@@ -184,13 +184,21 @@ def decode_attributes(value: str) -> dict[str, str] | None:
     ``None`` if it cannot be read (``decodeAttributes``: livekit-server then joins without
     them, and ``/validate`` answers 400)."""
     try:
-        decoded = json.loads(base64.urlsafe_b64decode(_padded(value)))
+        raw = base64.urlsafe_b64decode(_padded(value))
+        # as Go reads JSON: UTF-8 only (invalid bytes as U+FFFD), no NaN or Infinity
+        decoded = json.loads(raw.decode("utf-8", "replace"), parse_constant=_not_json)
     except (binascii.Error, ValueError, RecursionError):
         return None
+    if decoded is None:  # Go unmarshals null into a nil map, without an error
+        return {}
     if not isinstance(decoded, dict) or not all(
             isinstance(v, str) or v is None for v in decoded.values()):
         return None  # Go's map[string]string takes strings (null: "") and nothing else
     return {k: v or "" for k, v in decoded.items()}
+
+
+def _not_json(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
 
 
 def go_atoi32(value: str) -> int:

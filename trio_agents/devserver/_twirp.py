@@ -155,7 +155,7 @@ def decode(route: Route, content_type: str, body: bytes) -> Message:
             json_format.Parse(body or b"{}", message, ignore_unknown_fields=True)
         else:
             message.ParseFromString(body)
-    except (DecodeError, json_format.ParseError, ValueError) as exc:
+    except (DecodeError, json_format.ParseError, ValueError, RecursionError) as exc:
         raise TwirpError("malformed", f"the request could not be decoded: {exc}") from exc
     return message
 
