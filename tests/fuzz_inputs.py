@@ -422,10 +422,18 @@ def twirp_cases(api_key: str, api_secret: str) -> st.SearchStrategy[Case]:
             lambda n: b'{"name":' + b"[" * n + b"]" * n + b"}"), st.just("application/json")),
         st.tuples(st.binary(max_size=20), st.sampled_from(["text/plain", ""])),
     )
-    return st.tuples(st.sampled_from(sorted(TWIRP_METHODS)), body).map(
-        lambda m: Case("twirp", f"{m[0]} {m[1][1]!r} {m[1][0][:30]!r}",
-                       twirp(m[0], token(), m[1][0], m[1][1]),
-                       frozenset({200, 400, 401, 404, 405, 409, 412})))
+    not_an_object = st.one_of(
+        st.just(b""), json_values.filter(lambda v: not isinstance(v, dict)).map(
+            lambda v: json.dumps(v).encode()))
+    return st.one_of(
+        st.tuples(st.sampled_from(sorted(TWIRP_METHODS)), body).map(
+            lambda m: Case("twirp", f"{m[0]} {m[1][1]!r} {m[1][0][:30]!r}",
+                           twirp(m[0], token(), m[1][0], m[1][1]),
+                           frozenset({200, 400, 401, 404, 405, 409, 412}))),
+        st.tuples(st.sampled_from(sorted(TWIRP_METHODS)), not_an_object).map(
+            lambda m: Case("twirp", f"{m[0]} JSON body {m[1][:30]!r} (not an object)",
+                           twirp(m[0], token(), m[1]), frozenset({400}))),
+    )
 
 
 def worker_cases(api_key: str, api_secret: str) -> st.SearchStrategy[Case]:

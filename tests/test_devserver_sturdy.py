@@ -89,6 +89,27 @@ async def test_an_unclosed_ipv6_looking_target_is_just_a_path(dev: DevServer) ->
     await still_serving(dev)
 
 
+async def test_targets_are_routed_as_go_routes_them(dev: DevServer) -> None:
+    async with http_client(dev) as http:
+        assert (await http.request("GET", "//"))[::2] == (200, b"OK")  # RemoveDoubleSlashes
+        assert (await http.request("GET", "/%61gent"))[0] == 404  # /agent, not an upgrade
+        assert (await http.request("GET", "/rtc/%76alidate"))[0] == 401  # /rtc/validate
+        assert (await http.request("GET", "/rtc%2Fvalidate"))[0] == 404  # one segment
+        assert (await http.request("GET", "/%zz"))[0] == 400
+
+
+@pytest.mark.parametrize("body", [b"", b"[]", b'"rooms"', b"null"])
+async def test_a_twirp_json_body_must_be_an_object(dev: DevServer, body: bytes) -> None:
+    """livekit-server (protojson) answers these 400 malformed; found by the differential
+    run, where the dev server answered ListRooms 200."""
+    token = create_token(KEY, SECRET, video=VideoGrants(room_list=True))
+    async with http_client(dev) as http:
+        status, _, answer = await http.request(
+            "POST", "/twirp/livekit.RoomService/ListRooms", body=body,
+            headers=[("content-type", "application/json"), bearer(token)])
+        assert status == 400 and json.loads(answer)["code"] == "malformed"
+
+
 @pytest.mark.parametrize("attributes", [["a", "b"], "a=b"], ids=["list", "string"])
 async def test_attributes_that_are_not_an_object_are_401(dev: DevServer,
                                                          attributes: object) -> None:

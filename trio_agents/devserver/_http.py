@@ -404,12 +404,14 @@ def split_target(target: str) -> tuple[str, str]:
         path, query = parts.path or "/", parts.query
     if _BAD_ESCAPE.search(path):
         raise ValueError(f"invalid URL escape in {path[:100]!r}")
-    path = unquote(path, errors="replace")
+    # Go's ServeMux matches unescaped segments: an escaped "/" stays inside its segment
+    path = unquote(_ESCAPED_SLASH.sub("%252F", path), errors="replace")
     # livekit-server's RemoveDoubleSlashes middleware: "//agent" is "/agent"
     return (path[1:] if path.startswith("//") else path), query
 
 
 _BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ESCAPED_SLASH: Final = re.compile("%2[fF]")
 
 
 async def _respond(stream: trio.abc.Stream, conn: h11.Connection, response: Response, *,
