@@ -26,7 +26,7 @@ Everything is plain trio over TCP (``base_url`` is ``http://host:port``).
 The expectations follow livekit-server's current rules (livekit/livekit, livekit/protocol).
 livekit-server 1.8.3 predates ``/rtc/v1``, ``join_request`` and the ``attributes`` parameter
 of ``/rtc`` and ignores them (it answers 200 where the rules below say 400), and it accepts a
-token without ``exp`` (refused since livekit/protocol 1.9 and by the dev server).
+token without ``exp`` (refused by current livekit/protocol and by the dev server).
 """
 
 from __future__ import annotations

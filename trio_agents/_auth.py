@@ -320,8 +320,10 @@ def verify_token(
     """Verify a token as livekit-server 1.8 does (``auth.ParseAPIToken`` + ``Verify``, go-jose).
 
     HS256, HS384 or HS512; ``iss`` a known key; every known claim of the JSON type the server
-    decodes it as (``check_claims``); ``exp`` required (livekit/protocol has required it since
-    1.9; a token without one never expires on 1.8); ``exp``/``nbf``/``iat`` with 60 s leeway.
+    decodes it as (``check_claims``); ``exp`` required (as livekit/protocol now requires it,
+    "require exp claim when verifying access tokens"; livekit-server 1.8 accepts a token
+    without one, which never expires); ``exp``/``nbf``/``iat`` with 60 s leeway. Newer
+    livekit/protocol (golang-jwt) accepts HS256 only; 1.8 (go-jose v3) any HMAC size.
     Raises:
         TokenError: with the text the server puts in its plain-text 401 body.
     """
