@@ -26,9 +26,11 @@ import io
 import json
 import logging
 import math
+import re
 import time
+import zlib
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, NoReturn, final
 
 import attrs
 import trio
@@ -144,12 +146,12 @@ def parse_join(request: Request, claims: Claims | None) -> JoinParams | Response
         reconnect = _flag(request.param("reconnect"))
         encoded = request.param("attributes")
         if encoded:
-            try:
-                extra = json.loads(base64.urlsafe_b64decode(_padded(encoded)))
-                attributes.update({str(k): str(v) for k, v in extra.items() if v})
-            except (binascii.Error, ValueError, AttributeError):
+            extra = decode_attributes(encoded)
+            if extra is None:
                 if request.path.endswith("/validate"):
                     return Response(400, b"cannot decode attributes")
+            else:
+                attributes.update({k: v for k, v in extra.items() if v})
     if len(metadata.encode()) > MAX_METADATA_BYTES or attributes_size(attributes) > \
             MAX_ATTRIBUTES_BYTES:
         return Response(400, b"metadata or attributes exceed the server's limits")
@@ -173,8 +175,44 @@ def decode_join_request(value: str) -> rtc.JoinRequest | str:
         if len(data) > MAX_JOIN_REQUEST:
             return "join_request is too large"
         return rtc.JoinRequest.FromString(data)
-    except (binascii.Error, ValueError, DecodeError, OSError, EOFError) as exc:
+    except (binascii.Error, ValueError, DecodeError, OSError, EOFError, zlib.error) as exc:
         return f"cannot decode join_request: {exc}"
+
+
+def decode_attributes(value: str) -> dict[str, str] | None:
+    """The ``attributes`` parameter of ``/rtc`` (base64url JSON object of strings), or
+    ``None`` if it cannot be read (``decodeAttributes``: livekit-server then joins without
+    them, and ``/validate`` answers 400)."""
+    try:
+        raw = base64.urlsafe_b64decode(_padded(value))
+        # as Go reads JSON: UTF-8 only (invalid bytes as U+FFFD), no NaN or Infinity
+        decoded = json.loads(raw.decode("utf-8", "replace"), parse_constant=_not_json)
+    except (binascii.Error, ValueError, RecursionError):
+        return None
+    if decoded is None:  # Go unmarshals null into a nil map, without an error
+        return {}
+    if not isinstance(decoded, dict) or not all(
+            isinstance(v, str) or v is None for v in decoded.values()):
+        return None  # Go's map[string]string takes strings (null: "") and nothing else
+    return {k: v or "" for k, v in decoded.items()}
+
+
+def _not_json(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def go_atoi32(value: str) -> int:
+    """``int32(strconv.Atoi(value))`` as ``ParseClientInfo`` reads ``protocol``: ASCII digits
+    with an optional sign, 0 if unreadable or beyond int64, wrapped to int32."""
+    if not _ATOI.fullmatch(value):
+        return 0
+    number = int(value)
+    if not -(1 << 63) <= number < 1 << 63:
+        return 0
+    return (number + (1 << 31)) % (1 << 32) - (1 << 31)
+
+
+_ATOI: Final = re.compile(r"[+-]?[0-9]+")
 
 
 def _padded(value: str) -> bytes:
@@ -194,8 +232,7 @@ def _client_info(request: Request) -> models.ClientInfo:
         os_version=request.param("os_version"), device_model=request.param("device_model"),
         browser=request.param("browser"), browser_version=request.param("browser_version"),
         network=request.param("network"),
-        protocol=int(protocol) if protocol.lstrip("-").isdigit() else 0,
-        client_protocol=int(client_protocol) if client_protocol.lstrip("-").isdigit() else 0)
+        protocol=go_atoi32(protocol), client_protocol=go_atoi32(client_protocol))
 
 
 def merge_update(info: models.ParticipantInfo, *, name: str, metadata: str,
@@ -433,7 +470,7 @@ async def _read(dev: DevServer, session: Session, socket: WebSocket) -> None:
         try:
             message = decode_frame(data, rtc.SignalRequest)
         except ValueError as exc:
-            logger.info("participant %s sent an unreadable signal message (%s): closing",
+            logger.debug("participant %s sent an unreadable signal message (%s): closing",
                         session.identity, exc)
             return
         await _handle(dev, session, message)

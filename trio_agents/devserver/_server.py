@@ -425,7 +425,7 @@ class DevServer:
         participant.state = models.ParticipantInfo.DISCONNECTED
         participant.disconnect_reason = reason  # type: ignore[assignment]
         self._broadcast(info, participant, to_self=False)
-        logger.info("participant %s left room %s (%s)", identity, info.room.name,
+        logger.debug("participant %s left room %s (%s)", identity, info.room.name,
                     models.DisconnectReason.Name(reason))
         if not _dependent(participant):
             info.room.num_participants -= 1
@@ -470,7 +470,7 @@ class DevServer:
         info.sessions[params.identity] = session
         self._admit(info, session.info)
         self._nursery.start_soon(self._join_deadline, session)
-        logger.info("participant %s joined room %s", params.identity, params.room)
+        logger.debug("participant %s joined room %s", params.identity, params.room)
         self._changed()
         return session
 
@@ -582,7 +582,21 @@ class DevServer:
         self._nursery.start_soon(self._dispatch, record, dispatch)
 
     async def _dispatch(self, record: JobInfo, dispatch: agent_dispatch.AgentDispatch) -> None:
-        """Offer the job until a worker takes it, ends it, or the window closes."""
+        """Offer the job until a worker takes it, ends it, or the window closes.
+
+        The error boundary of one dispatch: an error of ours drops this job (logged), and
+        the server, its rooms and its other jobs go on.
+        """
+        try:
+            await self._dispatch_job(record, dispatch)
+        except Exception as exc:
+            logger.exception("dispatching job %s (room %s) failed on an error of the dev server",
+                             record.job.id, record.room)
+            record.dropped = record.dropped or f"dev server error: {exc!r}"
+            record.done = True
+            self._changed()
+
+    async def _dispatch_job(self, record: JobInfo, dispatch: agent_dispatch.AgentDispatch) -> None:
         tried: set[str] = set()
         with trio.move_on_after(self.availability_timeout) as deadline:
             while True:
@@ -757,7 +771,7 @@ class DevServer:
                 message, worker._json = await _receive(socket)
                 await self._handle(worker, message)
         except (_Closed, WebSocketClosed) as exc:
-            logger.info("closing worker %s: %s", worker_id, exc)
+            logger.debug("closing worker %s: %s", worker_id, exc)
         finally:
             if worker is not None:
                 self._deregister(worker, "connection closed")
@@ -784,7 +798,7 @@ class DevServer:
                                 protocol=SIGNAL_PROTOCOL, agent_protocol=AGENT_PROTOCOL,
                                 node_id="ND_devserver"))))
                     self._workers[worker_id] = worker
-                    logger.info("worker %s registered (agent name %r, %s)", worker_id,
+                    logger.debug("worker %s registered (agent name %r, %s)", worker_id,
                                 worker.agent_name, agent.JobType.Name(worker.job_type),
                                 extra={"agent_name": worker.agent_name})
                     self._changed()
@@ -813,7 +827,7 @@ class DevServer:
         worker._socket = None
         for pending in worker._pending.values():
             pending.event.set()  # response None: the offer moves to the next worker
-        logger.info("worker %s deregistered: %s", worker.id, why)
+        logger.debug("worker %s deregistered: %s", worker.id, why)
         self._changed()
 
     async def _send(self, worker: WorkerInfo, message: agent.ServerMessage) -> None:
@@ -826,7 +840,7 @@ class DevServer:
         if kind == "availability":
             pending = worker._pending.get(message.availability.job_id)
             if pending is None:
-                logger.info("availability response for unknown job %s ignored",
+                logger.debug("availability response for unknown job %s ignored",
                             message.availability.job_id)
                 return
             pending.response = message.availability
@@ -877,6 +891,16 @@ class DevServer:
         self._changed()
 
         async def assign() -> None:
+            try:
+                await offer()
+            except Exception as exc:  # this job's error boundary, as in ``_dispatch``
+                logger.exception("simulated job %s failed on an error of the dev server",
+                                 job.id)
+                record.dropped = record.dropped or f"dev server error: {exc!r}"
+                record.done = True
+                self._changed()
+
+        async def offer() -> None:
             with trio.move_on_after(SIMULATE_TIMEOUT) as deadline:
                 record.attempts = 1
                 response = await self._offer(worker, record)
@@ -898,7 +922,7 @@ class DevServer:
 
 async def _refuse_resume(params: JoinParams, socket: WebSocket) -> None:
     """Resuming is not modelled: the client is told to join afresh (``leave`` RECONNECT)."""
-    logger.info("participant %s asked to resume its session: told to rejoin", params.identity)
+    logger.debug("participant %s asked to resume its session: told to rejoin", params.identity)
     leave = rtc_proto.LeaveRequest(reason=Reason.STATE_MISMATCH, can_reconnect=True)
     if params.client.protocol >= 13:
         leave.action = rtc_proto.LeaveRequest.RECONNECT

@@ -151,11 +151,14 @@ ROUTES: Final[dict[str, Route]] = {
 def decode(route: Route, content_type: str, body: bytes) -> Message:
     message = route.request()
     try:
-        if content_type == JSON:
-            json_format.Parse(body or b"{}", message, ignore_unknown_fields=True)
+        if content_type == JSON:  # protojson: one JSON object, an empty body is malformed
+            parsed = json.loads(body)
+            if not isinstance(parsed, dict):
+                raise ValueError(f"a JSON object is expected, not {type(parsed).__name__}")
+            json_format.ParseDict(parsed, message, ignore_unknown_fields=True)
         else:
             message.ParseFromString(body)
-    except (DecodeError, json_format.ParseError, ValueError) as exc:
+    except (DecodeError, json_format.ParseError, ValueError, RecursionError) as exc:
         raise TwirpError("malformed", f"the request could not be decoded: {exc}") from exc
     return message
 
