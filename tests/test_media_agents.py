@@ -20,6 +20,7 @@ from cli_helpers import CliProcess, run_cli
 from livekit_server import LiveKitServer, open_livekit_server
 from media_helpers import (first_track, peak_hz, publishing_colour, publishing_sine,
                            rms, silence_frame, sine_frame)
+from proc_helpers import watching_logs
 from room_helpers import Backend, Peer, agent_server, join
 from trio_agents.api import LiveKitAPI
 from trio_agents.room import AudioSource
@@ -187,3 +188,22 @@ async def test_auto_subscribe_modes(livekit: LiveKitServer, mode: str,
             with trio.move_on_after(1.0):
                 unexpected = await user.expect(lambda m: m.text.startswith("track_subscribed"))
                 pytest.fail(f"{mode}: the agent also subscribed ({unexpected.text})")
+
+
+async def test_an_audio_stream_cut_mid_frame_in_a_job_leaves_a_clean_exit(
+        livekit: LiveKitServer) -> None:
+    with watching_logs() as logs:
+        async with media_agent_server(livekit), join(livekit, "cut", "speaker") as user:
+            await dispatch(livekit, "cut", "media-agent", auto_subscribe="audio_only",
+                           cut_stream="yes")
+            await user.expect("ready:cut", timeout=20)
+            async with publishing_sine(user.room, 440.0):
+                closed = await user.expect_prefix("cut:", timeout=20)
+                left_open = await user.expect_prefix("cut:", timeout=20)
+            assert closed.endswith(":closed") and int(closed.split(":")[0]) > 0
+            assert left_open.endswith(":left open") and int(left_open.split(":")[0]) > 0
+            # the job ends (ctx.shutdown) and its process exits 0: no native panic, no
+            # SIGTERM from the SDK, although one stream was left open
+            with trio.fail_after(20):
+                await logs.wait_for("exited (exit code 0)")
+        assert not logs.matching("panic") and not logs.matching("SIGTERM")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import trio
 from livekit import rtc
 
 from trio_agents import AutoSubscribe, JobContext
@@ -36,6 +37,27 @@ async def entrypoint(ctx: JobContext) -> None:
 
     for event in EVENTS:
         reporter(event)
+    if params.get("cut_stream"):
+        @room.on("track_subscribed")
+        async def cut(track: rtc.Track, *_: object) -> None:
+            await cut_stream_mid_frame(ctx, track)
+
     await ctx.connect(auto_subscribe=AutoSubscribe.SUBSCRIBE_NONE if mode == "manual"
                       else AutoSubscribe(mode))
     await ctx.agent.send_text(f"ready:{room.name}", topic="track-events")
+
+
+async def cut_stream_mid_frame(ctx: JobContext, track: rtc.Track) -> None:
+    """Iterate an audio stream, cancel the iteration while it waits for a frame (twice: once
+    left open for the job's end to close, once closed here), then end the job."""
+    for close in (True, False):
+        stream = ctx.room.audio_stream(track)
+        frames = 0
+        with trio.move_on_after(0.3):
+            async for _ in stream:
+                frames += 1
+        if close:
+            await stream.aclose()
+        await ctx.agent.send_text(f"cut:{frames}:{'closed' if close else 'left open'}",
+                                  topic="track-events")
+    ctx.shutdown("cut the stream")
