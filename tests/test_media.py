@@ -10,24 +10,31 @@ import pytest
 import trio
 from livekit import rtc
 
-from livekit_server import LiveKitServer, open_livekit_server
+from livekit_server import open_livekit_server
 from media_helpers import first_track, mean_rgb, participant_token, peak_hz, publishing_colour, publishing_sine
+from room_helpers import Backend
+from trio_agents.devserver import open_dev_server
 from trio_agents.room import Room, open_room
 
-pytestmark = [pytest.mark.slow, pytest.mark.realserver]
+pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-async def livekit(rtc_address: str) -> AsyncIterator[LiveKitServer]:
-    async with open_livekit_server(rtc_address) as server:
-        yield server
+@pytest.fixture(params=["devserver", pytest.param("livekit-server", marks=pytest.mark.realserver)])
+async def livekit(request: pytest.FixtureRequest, rtc_address: str) -> AsyncIterator[Backend]:
+    """The same test against the dev server and against the real livekit-server."""
+    if request.param == "devserver":
+        async with open_dev_server(port=0, rtc_address=rtc_address) as dev:
+            yield dev
+    else:
+        async with open_livekit_server(rtc_address) as server:
+            yield server
 
 
-def token(server: LiveKitServer, room: str, identity: str) -> str:
+def token(server: Backend, room: str, identity: str) -> str:
     return participant_token(server.api_key, server.api_secret, room, identity)
 
 
-async def test_a_sine_published_from_trio_arrives_at_440_hz(livekit: LiveKitServer) -> None:
+async def test_a_sine_published_from_trio_arrives_at_440_hz(livekit: Backend) -> None:
     async with open_room(livekit.url, token(livekit, "tone", "speaker")) as speaker, \
             open_room(livekit.url, token(livekit, "tone", "listener")) as listener, \
             publishing_sine(speaker, 440.0):
@@ -44,7 +51,7 @@ async def test_a_sine_published_from_trio_arrives_at_440_hz(livekit: LiveKitServ
         assert abs(peak_hz(frames[-100:]) - 440.0) < 5.0
 
 
-async def test_solid_colour_video_arrives_with_its_colour(livekit: LiveKitServer) -> None:
+async def test_solid_colour_video_arrives_with_its_colour(livekit: Backend) -> None:
     async with open_room(livekit.url, token(livekit, "paint", "camera")) as camera, \
             open_room(livekit.url, token(livekit, "paint", "viewer")) as viewer, \
             publishing_colour(camera, (200, 30, 60)):
@@ -61,7 +68,7 @@ async def test_solid_colour_video_arrives_with_its_colour(livekit: LiveKitServer
 
 
 async def test_an_audio_stream_cancelled_mid_iteration_leaves_nothing_behind(
-        livekit: LiveKitServer) -> None:
+        livekit: Backend) -> None:
     async with open_room(livekit.url, token(livekit, "cut", "speaker")) as speaker, \
             open_room(livekit.url, token(livekit, "cut", "listener")) as listener, \
             publishing_sine(speaker, 440.0):
@@ -83,7 +90,7 @@ async def test_an_audio_stream_cancelled_mid_iteration_leaves_nothing_behind(
             await stream.__anext__()
 
 
-async def test_room_and_agent_cover_every_public_member_of_the_sdk(livekit: LiveKitServer) -> None:
+async def test_room_and_agent_cover_every_public_member_of_the_sdk(livekit: Backend) -> None:
     async with open_room(livekit.url, token(livekit, "members", "me")) as room:
         for ours, sdk in ((room, room.rtc_room),
                           (room.local_participant, room.local_participant.rtc_participant)):

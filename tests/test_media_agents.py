@@ -17,22 +17,28 @@ from livekit.protocol.agent_dispatch import CreateAgentDispatchRequest
 from livekit.protocol.room import DeleteRoomRequest, ListRoomsRequest
 
 from cli_helpers import CliProcess, run_cli
-from livekit_server import LiveKitServer, open_livekit_server
+from livekit_server import open_livekit_server
 from media_helpers import (first_track, peak_hz, publishing_colour, publishing_sine,
                            rms, silence_frame, sine_frame)
 from proc_helpers import watching_logs
 from room_helpers import Backend, Peer, agent_server, join
 from trio_agents.api import LiveKitAPI
+from trio_agents.devserver import open_dev_server
 from trio_agents.room import AudioSource
 
-pytestmark = [pytest.mark.slow, pytest.mark.realserver]
+pytestmark = pytest.mark.slow
 log = logging.getLogger("tests.media")
 
 
-@pytest.fixture
-async def livekit(rtc_address: str) -> AsyncIterator[LiveKitServer]:
-    async with open_livekit_server(rtc_address) as server:
-        yield server
+@pytest.fixture(params=["devserver", pytest.param("livekit-server", marks=pytest.mark.realserver)])
+async def livekit(request: pytest.FixtureRequest, rtc_address: str) -> AsyncIterator[Backend]:
+    """The same test against the dev server and against the real livekit-server."""
+    if request.param == "devserver":
+        async with open_dev_server(port=0, rtc_address=rtc_address) as dev:
+            yield dev
+    else:
+        async with open_livekit_server(rtc_address) as server:
+            yield server
 
 
 def env(backend: Backend) -> dict[str, str]:
@@ -69,7 +75,7 @@ async def dispatch(backend: Backend, room: str, agent_name: str, **metadata: str
             room=room, agent_name=agent_name, metadata=json.dumps(metadata)))
 
 
-async def test_echo_agent_plays_the_sine_back(livekit: LiveKitServer) -> None:
+async def test_echo_agent_plays_the_sine_back(livekit: Backend) -> None:
     async with example_agent(livekit, "echo.py") as agent_cli, \
             join(livekit, "echo-room", "singer") as singer:
         await agent_cli.wait_for("publishing the echo")
@@ -112,7 +118,7 @@ async def test_echo_agent_plays_the_sine_back(livekit: LiveKitServer) -> None:
         assert abs(peak_hz(heard[-80:]) - 440.0) < 5.0
 
 
-async def test_seed_example_processes_frames_and_says_hello(livekit: LiveKitServer) -> None:
+async def test_seed_example_processes_frames_and_says_hello(livekit: Backend) -> None:
     async with example_agent(livekit, "audio_frames.py") as agent_cli, \
             join(livekit, "seed", "listener") as user:
         async with publishing_sine(user.room, 440.0):
@@ -123,7 +129,7 @@ async def test_seed_example_processes_frames_and_says_hello(livekit: LiveKitServ
                 await agent_cli.wait_for(r"heard 100 audio frames from listener, level -\d")
 
 
-async def test_video_agent_reports_the_colour_it_sees(livekit: LiveKitServer) -> None:
+async def test_video_agent_reports_the_colour_it_sees(livekit: Backend) -> None:
     async with example_agent(livekit, "video_colour.py") as agent_cli, \
             join(livekit, "studio", "camera") as user:
         async with publishing_colour(user.room, (200, 30, 60)):
@@ -132,7 +138,7 @@ async def test_video_agent_reports_the_colour_it_sees(livekit: LiveKitServer) ->
         assert abs(r - 200) < 25 and abs(g - 30) < 25 and abs(b - 60) < 25, report
 
 
-async def test_a_publication_starts_a_publisher_agent(livekit: LiveKitServer) -> None:
+async def test_a_publication_starts_a_publisher_agent(livekit: Backend) -> None:
     async with example_agent(livekit, "publisher_agent.py") as agent_cli, \
             join(livekit, "stage", "performer") as user:
         async with publishing_sine(user.room, 440.0):
@@ -152,7 +158,7 @@ def media_agent_server(backend: Backend) -> AbstractAsyncContextManager[object]:
     return agent_server(backend, entrypoint=media_agent.entrypoint, agent_name="media-agent")
 
 
-async def test_mute_unmute_and_unpublish_reach_the_agent(livekit: LiveKitServer) -> None:
+async def test_mute_unmute_and_unpublish_reach_the_agent(livekit: Backend) -> None:
     async with media_agent_server(livekit), join(livekit, "mutes", "speaker") as user:
         await started_reporter(livekit, user, "mutes", "subscribe_all")
         async with publishing_sine(user.room, 440.0) as publication:
@@ -175,7 +181,7 @@ async def test_mute_unmute_and_unpublish_reach_the_agent(livekit: LiveKitServer)
     ("subscribe_none", set()),
     ("manual", {"KIND_AUDIO"}),  # SUBSCRIBE_NONE, then the agent subscribes to audio by hand
 ])
-async def test_auto_subscribe_modes(livekit: LiveKitServer, mode: str,
+async def test_auto_subscribe_modes(livekit: Backend, mode: str,
                                     subscribed: set[str]) -> None:
     async with media_agent_server(livekit), join(livekit, f"subs-{mode}", "both") as user:
         await started_reporter(livekit, user, f"subs-{mode}", mode)
@@ -191,7 +197,7 @@ async def test_auto_subscribe_modes(livekit: LiveKitServer, mode: str,
 
 
 async def test_an_audio_stream_cut_mid_frame_in_a_job_leaves_a_clean_exit(
-        livekit: LiveKitServer) -> None:
+        livekit: Backend) -> None:
     with watching_logs() as logs:
         async with media_agent_server(livekit), join(livekit, "cut", "speaker") as user:
             await dispatch(livekit, "cut", "media-agent", auto_subscribe="audio_only",
