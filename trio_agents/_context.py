@@ -195,7 +195,7 @@ class JobContext:
         if self._room is None:
             from .room import Room
 
-            self._room = Room()
+            self._room = Room(name=self._info.job.room.name or None)
             self._room.on("disconnected", self._room_disconnected)
         return self._room
 

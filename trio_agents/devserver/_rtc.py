@@ -46,7 +46,9 @@ from ._dispatch import (
     new_id,
 )
 from ._http import Request, Response, WebSocket, WebSocketClosed, decode_frame, encode_frame
+from . import _tracks
 from ._media import LOSSY, RELIABLE, Peer, PeerEvent
+from ._tracks import Publication, SubscriberPeer
 
 if TYPE_CHECKING:
     from ._records import RoomInfo
@@ -107,6 +109,7 @@ class JoinParams:
     single_pc: bool
     publisher_offer: rtc.SessionDescription | None = None
     reconnect: bool = False
+    auto_subscribe: bool = True
 
 
 def parse_join(request: Request, claims: Claims | None) -> JoinParams | Response:
@@ -136,6 +139,8 @@ def parse_join(request: Request, claims: Claims | None) -> JoinParams | Response
         if isinstance(join, str):
             return Response(400, join.encode())
         client, reconnect = join.client_info, join.reconnect
+        auto_subscribe = (not join.HasField("connection_settings")
+                          or join.connection_settings.auto_subscribe)
         if join.metadata:
             metadata = join.metadata
         attributes.update({k: v for k, v in join.participant_attributes.items() if v})
@@ -144,6 +149,7 @@ def parse_join(request: Request, claims: Claims | None) -> JoinParams | Response
     else:
         client = _client_info(request)
         reconnect = _flag(request.param("reconnect"))
+        auto_subscribe = request.param("auto_subscribe") not in ("0", "false")
         encoded = request.param("attributes")
         if encoded:
             extra = decode_attributes(encoded)
@@ -159,7 +165,7 @@ def parse_join(request: Request, claims: Claims | None) -> JoinParams | Response
         room=video.room, identity=claims.identity, name=claims.name,
         kind=KINDS.get(claims.kind, Kind.STANDARD), metadata=metadata, attributes=attributes,
         grants=video, claims=claims, client=client, single_pc=bool(wrapped),
-        publisher_offer=offer, reconnect=reconnect)
+        publisher_offer=offer, reconnect=reconnect, auto_subscribe=auto_subscribe)
 
 
 def decode_join_request(value: str) -> rtc.JoinRequest | str:
@@ -300,6 +306,12 @@ class Session:
         self.info = info
         self.room = room
         self.peer: Peer | None = None
+        self.subscriber: SubscriberPeer | None = None
+        """The peer connection the server offers, once it subscribes to something."""
+        self.pending_tracks: dict[str, Publication] = {}  # AddTrackRequests, by cid
+        self.publications: dict[str, Publication] = {}  # its published tracks, by sid
+        self.subscriptions: dict[str, Publication] = {}  # what it receives, by track sid
+        self.nursery: trio.Nursery | None = None
         self.json = False
         self.settled = trio.Event()
         """Set once the participant is ACTIVE or gone (what the join deadline waits for)."""
@@ -401,11 +413,13 @@ async def run_session(dev: DevServer, session: Session, socket: WebSocket) -> No
             nursery.start_soon(_write_then_stop, session, socket, nursery.cancel_scope)
             session.post(rtc.SignalResponse(join=join_response(dev, session)))
             session.post(rtc.SignalResponse(refresh_token=refresh_token(dev, session)))
+            session.nursery = nursery
             session.peer = await dev.media.new_peer(events_send)
             dev._participant_joined(session)
             nursery.start_soon(_peer_events, dev, session, events)
             if session.params.publisher_offer is not None:
-                await _answer(session, session.params.publisher_offer)
+                await _answer(dev, session, session.params.publisher_offer)
+            await _tracks.joined(dev, session)
             await _read(dev, session, socket)
             if not session.removed:  # the client closed its websocket without a leave
                 dev._remove_session(session, Reason.SIGNAL_CLOSE)
@@ -417,6 +431,7 @@ async def run_session(dev: DevServer, session: Session, socket: WebSocket) -> No
         with trio.CancelScope(shield=True):
             if not session.removed:
                 dev._remove_session(session, Reason.SIGNAL_CLOSE)
+            await _tracks.session_ended(dev, session)
             if session.peer is not None:
                 await session.peer.aclose()
                 dev._changed()
@@ -448,7 +463,7 @@ def join_response(dev: DevServer, session: Session) -> rtc.JoinResponse:
         client_configuration=models.ClientConfiguration())
 
 
-async def _answer(session: Session, offer: rtc.SessionDescription) -> None:
+async def _answer(dev: DevServer, session: Session, offer: rtc.SessionDescription) -> None:
     assert session.peer is not None
     try:
         sdp = await session.peer.answer(offer.sdp)
@@ -458,6 +473,7 @@ async def _answer(session: Session, offer: rtc.SessionDescription) -> None:
         return
     session.post(rtc.SignalResponse(answer=rtc.SessionDescription(
         type="answer", sdp=sdp, id=offer.id)))
+    await _tracks.renegotiated(dev, session)
 
 
 async def _read(dev: DevServer, session: Session, socket: WebSocket) -> None:
@@ -479,13 +495,29 @@ async def _read(dev: DevServer, session: Session, socket: WebSocket) -> None:
 async def _handle(dev: DevServer, session: Session, message: rtc.SignalRequest) -> None:
     kind = message.WhichOneof("message")
     if kind == "offer":
-        await _answer(session, message.offer)
-    elif kind == "trickle":
-        if session.peer is not None and message.trickle.candidateInit:
+        await _answer(dev, session, message.offer)
+    elif kind == "answer":
+        if session.subscriber is not None:
             try:
-                await session.peer.add_candidate(message.trickle.candidateInit)
+                await session.subscriber.answered(message.answer.sdp)
+            except Exception as exc:  # aiortc's errors are plain exceptions of many kinds
+                logger.warning("participant %s: cannot take its answer: %r", session.identity,
+                               exc)
+                session.leave(Reason.STATE_MISMATCH)
+    elif kind == "trickle":
+        target: Peer | SubscriberPeer | None = (
+            session.subscriber if message.trickle.target == rtc.SUBSCRIBER else session.peer)
+        if target is not None and message.trickle.candidateInit:
+            try:
+                await target.add_candidate(message.trickle.candidateInit)
             except Exception as exc:  # a candidate aiortc cannot use is skipped, as by pion
                 logger.debug("participant %s: candidate ignored: %r", session.identity, exc)
+    elif kind == "add_track":
+        _tracks.add_track(session, message.add_track)
+    elif kind == "mute":
+        _tracks.set_muted(dev, session, message.mute.sid, message.mute.muted)
+    elif kind == "subscription":
+        await _tracks.update_subscription(dev, session, message.subscription)
     elif kind == "ping":
         session.post(rtc.SignalResponse(pong=int(time.time() * 1000)))
     elif kind == "ping_req":
@@ -497,7 +529,7 @@ async def _handle(dev: DevServer, session: Session, message: rtc.SignalRequest) 
         reason = message.leave.reason
         dev._remove_session(
             session, reason if reason in CLIENT_REASONS else Reason.CLIENT_INITIATED)
-    else:  # answer, media, subscriptions, sync state...: nothing to do without media
+    else:  # track settings, sync state, simulate...: nothing the dev server models
         logger.debug("participant %s: %s ignored", session.identity, kind)
 
 
@@ -535,6 +567,9 @@ async def _peer_events(dev: DevServer, session: Session,
                 session.flush()
         elif event.kind == "data" and event.value in (RELIABLE, LOSSY):
             forward(dev, session, event.value, event.payload)
+        elif event.kind == "track":
+            track, transceiver = event.obj
+            await _tracks.media_arrived(dev, session, track, transceiver)
 
 
 def forward(dev: DevServer, session: Session, label: str, data: bytes) -> None:

@@ -113,7 +113,7 @@ class DevServer:
                  availability_timeout: float = AVAILABILITY_TIMEOUT,
                  register_timeout: float = REGISTER_TIMEOUT,
                  rng: random.Random | None = None, rtc_address: str | None = None,
-                 join_timeout: float = JOIN_TIMEOUT) -> None:
+                 join_timeout: float = JOIN_TIMEOUT, rtc_v1: bool = False) -> None:
         _check_options(api_key, api_secret, availability_timeout, register_timeout)
         if not join_timeout > 0:
             raise ConfigError(f"the join timeout ({join_timeout}) must be a positive number of "
@@ -125,6 +125,7 @@ class DevServer:
         self.register_timeout = register_timeout
         self._rng = rng or random.Random()
         self.join_timeout = join_timeout
+        self.rtc_v1 = rtc_v1
         self.media = MediaHost(rtc_address)
         self._secrets = {api_key: api_secret}
         self._workers: dict[str, WorkerInfo] = {}
@@ -444,7 +445,8 @@ class DevServer:
         """``/rtc/v1``, ``/rtc``, and their ``/validate``: the join happens here, before the
         upgrade; the session (``_rtc.run_session``) then runs on the websocket."""
         validate = request.path.endswith("/validate")
-        if not validate and not request.wants_websocket:
+        if (not validate and not request.wants_websocket) or (
+                request.path.startswith("/rtc/v1") and not self.rtc_v1):
             return Response(404, NOT_FOUND)
         params = parse_join(request, claims)
         if isinstance(params, Response):
@@ -992,6 +994,7 @@ async def open_dev_server(
     rng: random.Random | None = None,
     rtc_address: str | None = None,
     join_timeout: float = JOIN_TIMEOUT,
+    rtc_v1: bool = False,
 ) -> AsyncIterator[DevServer]:
     """Run a dev server for the duration of the block; everything it started ends with it.
 
@@ -1009,6 +1012,10 @@ async def open_dev_server(
             participants joining on ``/rtc`` need it (and the ``devserver-rtc`` extra).
         join_timeout: how long a participant has to complete WebRTC before it is removed
             with ``JOIN_FAILURE`` (60 s, as livekit-server; ``math.inf`` disables it).
+        rtc_v1: also serve ``/rtc/v1``, the single-peer-connection signaling of newer
+            livekit-servers, data only (no media). Off by default: as livekit-server 1.8.3,
+            ``/rtc/v1`` is not found, and the SDKs fall back to ``/rtc`` with two peer
+            connections, on which media is forwarded.
     Raises:
         ConfigError: the address cannot be listened on (e.g. the port is in use).
     """
@@ -1029,7 +1036,7 @@ async def open_dev_server(
             dev = DevServer(nursery, api_key=api_key, api_secret=api_secret,
                             availability_timeout=availability_timeout,
                             register_timeout=register_timeout, rng=rng,
-                            rtc_address=rtc_address, join_timeout=join_timeout)
+                            rtc_address=rtc_address, join_timeout=join_timeout, rtc_v1=rtc_v1)
             if listeners:
                 dev.host = host
                 dev.port = listeners[0].socket.getsockname()[1]
