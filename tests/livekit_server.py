@@ -28,9 +28,14 @@ from cli_helpers import CliProcess
 DEFAULT_BIN: Final = Path(__file__).resolve().parents[1].parent / "shared" / "livekit-server" / "livekit-server"
 
 
+def binary_path() -> Path:
+    """Where the livekit-server binary to test against should be."""
+    return Path(os.environ.get("LIVEKIT_SERVER_BIN") or DEFAULT_BIN)
+
+
 def server_binary() -> Path | None:
     """The livekit-server binary to test against, or ``None`` if there is none."""
-    path = Path(os.environ.get("LIVEKIT_SERVER_BIN") or DEFAULT_BIN)
+    path = binary_path()
     return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
@@ -67,7 +72,7 @@ async def open_livekit_server(node_ip: str, *, timeout: float = 15.0
                               ) -> AsyncIterator[LiveKitServer]:
     binary = server_binary()
     if binary is None:
-        raise RuntimeError(f"no livekit-server binary at {DEFAULT_BIN} (set LIVEKIT_SERVER_BIN)")
+        raise RuntimeError(f"no livekit-server binary at {binary_path()} (set LIVEKIT_SERVER_BIN)")
     http, tcp, udp = _free_ports(3)
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "livekit.yaml"
