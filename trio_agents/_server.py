@@ -48,6 +48,7 @@ from ._options import (
     SetupFnc,
     resolve_options,
 )
+from ._util import unwrap_errors
 
 if TYPE_CHECKING:
     # imported when the server runs: job processes import the user's module (and so this
@@ -108,7 +109,6 @@ class AgentServer:
         self._config: RunConfig | None = None
         self._control: ControlPlane | None = None
         self._supervisor: JobSupervisor | None = None
-        self._failure: TrioAgentsError | None = None
         self._stop = trio.Event()
         self._stopped = trio.Event()
         self._drained_cleanly = False
@@ -289,7 +289,7 @@ class AgentServer:
         if config.options.request_fnc is not None:
             _require_async(config.options.request_fnc, "request_fnc/on_request")
 
-        from ._control import ControlPlane, open_tcp_stream
+        from ._control import CLOSE_TIMEOUT, ControlPlane, open_tcp_stream
         from ._health import serve_health
         from ._supervisor import ProcessSupervisor
 
@@ -303,7 +303,6 @@ class AgentServer:
             })
         self._running = True
         self._config = config
-        self._failure = None
         self._stop = trio.Event()
         self._stopped = trio.Event()
         supervisor = ProcessSupervisor(config, report=self._report_job_status)
@@ -316,38 +315,38 @@ class AgentServer:
         )
         self._supervisor, self._control = supervisor, control
         try:
-            async with trio.open_nursery() as root:
-                self.health_port = await root.start(
-                    partial(serve_health, self, host=config.options.host, port=config.port)
-                )
-                jobs_scope = trio.CancelScope()
-                jobs_done = trio.Event()
-                await root.start(_run_supervisor, supervisor, jobs_scope, jobs_done)
-                ready = _Ready()
-                root.start_soon(self._run_control, control, ready)
-                with trio.CancelScope() as waiting:
-                    root.start_soon(_cancel_when, self._stop, waiting)
-                    await ready.event.wait()
-                    task_status.started(ready.value)
-                    await self._stop.wait()
-                jobs_scope.cancel()
-                await jobs_done.wait()
-                with trio.move_on_after(FLUSH_TIMEOUT):
-                    await control.flush()
-                self._stopped.set()
-                root.cancel_scope.cancel()
+            # errors leave the nursery by propagating; the one TrioAgentsError among them is
+            # raised as itself (the Raises: above), never as a group around it
+            with unwrap_errors(TrioAgentsError):
+                async with trio.open_nursery() as root:
+                    self.health_port = await root.start(
+                        partial(serve_health, self, host=config.options.host, port=config.port)
+                    )
+                    jobs_scope = trio.CancelScope()
+                    jobs_done = trio.Event()
+                    await root.start(_run_supervisor, supervisor, jobs_scope, jobs_done)
+                    ready = _Ready()
+                    control_done = trio.Event()
+                    root.start_soon(_run_control, control, ready, control_done)
+                    with trio.CancelScope() as waiting:
+                        root.start_soon(_cancel_when, self._stop, waiting)
+                        await ready.event.wait()
+                        task_status.started(ready.value)
+                        await self._stop.wait()
+                    jobs_scope.cancel()
+                    await jobs_done.wait()
+                    with trio.move_on_after(FLUSH_TIMEOUT):
+                        await control.flush()
+                    # a close handshake while the websocket's reader still runs: the peer's
+                    # answer is read at once, so nothing waits for CLOSE_TIMEOUT
+                    control.close()
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await control_done.wait()
+                    self._stopped.set()
+                    root.cancel_scope.cancel()  # the health server
         finally:
             self._stopped.set()
             self._running = False
-        if self._failure is not None:
-            raise self._failure
-
-    async def _run_control(self, control: ControlPlane, ready: _Ready) -> None:
-        try:
-            await control.run(task_status=ready)
-        except TrioAgentsError as exc:
-            self._failure = exc  # raised by run(); the caller decides how to report it
-            self._stop.set()
 
     def _report_job_status(self, job_id: str, status: int, error: str) -> None:
         if self._control is not None:
@@ -371,8 +370,27 @@ class AgentServer:
 
             return sample_async
 
+        name = getattr(fnc, "__qualname__", repr(fnc))
+
         async def sample_in_thread() -> object:
-            return await trio.to_thread.run_sync(fnc, *args)
+            returned = False
+
+            def call() -> object:
+                nonlocal returned
+                try:
+                    return fnc(*args)
+                finally:
+                    returned = True
+
+            try:
+                # abandoned when cancelled: a load_fnc that hangs must not hold the server up
+                return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+            except trio.Cancelled:
+                if not returned:
+                    logger.warning("load_fnc %s did not return before the server stopped; "
+                                   "abandoning its thread (make it return quickly: it is "
+                                   "called every load_sample_interval)", name)
+                raise
 
         return sample_in_thread
 
@@ -429,6 +447,13 @@ async def _run_supervisor(
     try:
         with scope:
             await supervisor.run(task_status=task_status)
+    finally:
+        done.set()
+
+
+async def _run_control(control: ControlPlane, ready: _Ready, done: trio.Event) -> None:
+    try:
+        await control.run(task_status=ready)
     finally:
         done.set()
 
