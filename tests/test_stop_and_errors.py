@@ -102,11 +102,13 @@ async def test_rejected_credentials_are_an_authentication_error(
     assert type(caught.value) is AuthenticationError
 
 
+async def refuse(host: str, port: int, tls: bool) -> trio.abc.Stream:
+    """An ``open_stream`` to a LiveKit that is not there."""
+    raise OSError(111, "Connection refused")
+
+
 async def test_unreachable_livekit_is_a_server_connection_error(
         autojump_clock: trio.testing.MockClock) -> None:
-    async def refuse(host: str, port: int, tls: bool) -> trio.abc.Stream:
-        raise OSError(111, "Connection refused")
-
     server = threaded_server(max_retry=2)
     with pytest.raises(ServerConnectionError, match="after 3 attempts") as caught:
         await server.run(open_stream=refuse)
@@ -115,9 +117,6 @@ async def test_unreachable_livekit_is_a_server_connection_error(
 
 async def test_drain_and_aclose_raise_nothing_when_run_fails(
         autojump_clock: trio.testing.MockClock) -> None:
-    async def refuse(host: str, port: int, tls: bool) -> trio.abc.Stream:
-        raise OSError(111, "Connection refused")
-
     server = threaded_server(max_retry=1)
     outcome: list[BaseException] = []
 
