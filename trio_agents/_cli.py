@@ -208,8 +208,19 @@ async def _serve(server: AgentServer, devmode: bool, embedded: bool, room: str |
     forced = False
     async with trio.open_nursery() as nursery:
 
-        async def watch_signals(*, task_status: trio.TaskStatus[None]) -> None:
+        async def stop_now() -> None:
             nonlocal forced
+            forced = forced or bool(server.active_jobs)
+            await server.aclose()
+            nursery.cancel_scope.cancel()  # a server signalled before it ran never starts
+
+        async def drain() -> None:
+            nonlocal forced
+            if not await server.drain():
+                forced = True
+            nursery.cancel_scope.cancel()
+
+        async def watch_signals(*, task_status: trio.TaskStatus[None]) -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
                 task_status.started()
                 first: int | None = None
@@ -220,19 +231,12 @@ async def _serve(server: AgentServer, devmode: bool, embedded: bool, room: str |
                             first = signum
                             logger.info("%s received: stopping (running jobs are shut down)",
                                         name)
-                            forced = bool(server.active_jobs)
-                            inner.start_soon(server.aclose)
+                            inner.start_soon(stop_now)
                         elif first is None:
                             first = signum
                             other = "SIGINT" if signum == signal.SIGTERM else "SIGTERM"
                             logger.info("%s received: draining; send %s to stop the running "
                                         "jobs now", name, other)
-
-                            async def drain() -> None:
-                                nonlocal forced
-                                if not await server.drain():
-                                    forced = True
-
                             inner.start_soon(drain)
                         elif stop_on_signal:
                             logger.info("%s received again: already stopping", name)
@@ -241,8 +245,7 @@ async def _serve(server: AgentServer, devmode: bool, embedded: bool, room: str |
                         else:
                             logger.warning("%s received while draining: stopping the running "
                                            "jobs now", name)
-                            forced = True
-                            inner.start_soon(server.aclose)
+                            inner.start_soon(stop_now)
 
         await nursery.start(watch_signals)
         if embedded:
