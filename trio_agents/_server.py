@@ -15,9 +15,16 @@ are done or its budget ran out, ``aclose()``, or the control plane failing for g
 
 1. cancel the supervisor: every job process left goes through the shutdown escalation
    (IPC shutdown → SIGTERM → SIGKILL of its process group) and reports a final status;
-2. flush those statuses to LiveKit (bounded);
-3. cancel the rest; ``run`` returns once every child is reaped, or raises the control plane's
-   terminal error (``AuthenticationError``, ``ServerConnectionError``).
+2. flush those statuses to LiveKit (bounded: ``FLUSH_TIMEOUT``);
+3. close the websocket with a close handshake, its reader still running so that the peer's
+   answer is read at once (bounded: ``CLOSE_TIMEOUT``);
+4. cancel the rest (the health server); ``run`` returns once every child is reaped.
+
+If the control plane fails for good (``AuthenticationError``, ``ServerConnectionError``) or a
+part cannot start (a busy health port: ``ConfigError``), the error propagates: it cancels the
+nursery (job processes still go through their shielded escalation) and leaves ``run`` as
+itself, not as an exception group around it (``_util.unwrap_errors``, the one place that
+does this).
 
 Cancelling the scope around ``run`` from outside is a hard stop: the escalation still runs for
 every job process, but final statuses may not reach LiveKit.
@@ -273,8 +280,11 @@ class AgentServer:
                 ``trio_agents.testing`` uses to run against an in-memory dev server.
         Raises:
             ConfigError: bad options, a missing ``LIVEKIT_*`` variable, a non-async entrypoint,
-                a busy health port, or credentials LiveKit rejected (``AuthenticationError``).
+                or a busy health port.
+            AuthenticationError: (a ``ConfigError``) LiveKit rejected the key or secret.
             ServerConnectionError: LiveKit could not be reached after ``max_retry`` attempts.
+
+        Each is raised as itself, never wrapped in an exception group.
         """
         if self._running:
             raise RuntimeError("this AgentServer is already running")
@@ -400,7 +410,8 @@ class AgentServer:
 
         Returns True if every job finished by itself, False if some had to be shut down
         (the budget ran out, or ``aclose()`` was called meanwhile). Calling it again while a
-        drain runs waits for the same stop.
+        drain runs waits for the same stop. It raises nothing of the server's: if the server
+        fails meanwhile, ``run`` raises that, and ``drain`` returns.
         """
         control = self._control
         if not self._running or control is None or self._supervisor is None:
@@ -424,7 +435,8 @@ class AgentServer:
         return self._drained_cleanly
 
     async def aclose(self) -> None:
-        """Stop now: running jobs are shut down through the escalation. Idempotent."""
+        """Stop now: running jobs are shut down through the escalation; returns once the
+        server stopped. Idempotent. Raises nothing of the server's (``run`` raises that)."""
         if not self._running:
             return
         self._stop.set()
