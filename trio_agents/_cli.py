@@ -3,7 +3,12 @@
 
 Exit codes: 0 the server stopped cleanly (drained, every job finished by itself); 1 it failed
 for good (configuration, credentials, LiveKit unreachable); 2 usage error; 3 it was stopped
-with jobs still running (a second, different signal, or the drain budget ran out).
+with jobs still running (a second, different signal, or the drain budget ran out; in ``dev``,
+the first signal).
+
+Signals: in ``start`` (and ``connect``) the first SIGTERM or SIGINT drains, the same signal
+again changes nothing, the other one stops the running jobs now. In ``dev`` the first one
+stops: running jobs go through the shutdown escalation (``shutdown_process_timeout``).
 """
 
 from __future__ import annotations
@@ -169,13 +174,11 @@ def _dispatch(server: AgentServer, args: argparse.Namespace, *, script: str | No
         return EXIT_USAGE
     setup_logging(level, json=args.command == "start")
     embedded = devmode and not (server.options.ws_url or os.environ.get("LIVEKIT_URL"))
-    reload = args.command == "dev" and args.reload and script is not None
     try:
         with unwrap_errors(TrioAgentsError):
-            if reload:
+            if args.command == "dev" and args.reload and script is not None:
                 from ._reload import run_with_reload
 
-                assert script is not None
                 return trio.run(run_with_reload, server, script, embedded)
             return trio.run(partial(
                 _serve, server, devmode, embedded, getattr(args, "room", None),
