@@ -83,6 +83,18 @@ async def test_second_signal_stops_jobs_through_the_escalation(dev: DevServer) -
     assert (dev.jobs[job_id].status, dev.jobs[job_id].error) == (agent.JS_FAILED, INTERRUPTED)
 
 
+async def test_idle_sigterm_exits_closing_websocket_and_health(dev: DevServer) -> None:
+    async with run_cli([AGENT, "start"], env=livekit_env(dev)) as cli:
+        health = json.loads(await cli.wait_for("health endpoint"))["health_port"]
+        await cli.wait_for("registered worker")
+        (worker_id,) = dev.workers
+        cli.signal(signal.SIGTERM)
+        assert await cli.wait() == 0
+    await dev.wait_until(lambda: worker_id not in dev.workers)
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream("127.0.0.1", health)
+
+
 async def test_signal_during_prewarm_still_drains_cleanly(dev: DevServer) -> None:
     env = {**livekit_env(dev), "TEST_IDLE": "2"}
     async with run_cli([AGENT, "start"], env=env) as cli:

@@ -149,6 +149,8 @@ async def test_stop_closes_the_websocket_without_waiting_for_the_close_timeout(
     # that waits CLOSE_TIMEOUT for an answer nobody reads is the bug this catches
     assert trio.current_time() - stopped_at < CLOSE_TIMEOUT
     assert worker_id not in dev.workers and not server.registered
+    with pytest.raises(OSError):  # and the health endpoint is closed
+        await trio.open_tcp_stream("127.0.0.1", server.health_port)
 
 
 def partial_run(server: AgentServer, opener: OpenStream) -> Any:
