@@ -44,6 +44,7 @@ from ._capacity import Capacity
 from ._errors import (
     AssignmentTimeoutError,
     AuthenticationError,
+    JobProcessError,
     LocalProtocolError,
     RemoteProtocolError,
     ServerConnectionError,
@@ -186,6 +187,8 @@ class ControlPlane:
         self._offers_in_flight = 0
         self._offers_done = trio.Event()
         self._offers_done.set()
+        self._closing = False
+        self._connect_scope = trio.CancelScope()
 
     # -- state for the server and its health endpoint -----------------------------------------
 
@@ -228,6 +231,16 @@ class ControlPlane:
             return
         await marker.wait()
 
+    def close(self) -> None:
+        """Stop: end the session with a websocket close handshake (while its reader still
+        runs, so the peer's answer is read: no ``CLOSE_TIMEOUT`` wait) and do not reconnect;
+        ``run`` then returns."""
+        self._closing = True
+        if self._session is not None and self._session.alive:
+            self._session.lose("the agent server is stopping")
+        else:
+            self._connect_scope.cancel()  # connecting or backing off: nothing to close politely
+
     def simulate_job(self, room: str, participant_identity: str | None = None) -> None:
         """Ask the server to offer this worker a job for ``room`` (``SimulateJobRequest``)."""
         session = self._session
@@ -246,10 +259,11 @@ class ControlPlane:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sample_load_forever)
             try:
-                await self._connect_forever(nursery, task_status)
+                with self._connect_scope:
+                    await self._connect_forever(nursery, task_status)
             except (AuthenticationError, ServerConnectionError) as exc:
                 failure = exc  # raised below, outside the nursery: not wrapped in a group
-                nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()  # failed, or close(): offers and sampling end too
         if failure is not None:
             raise failure
 
@@ -276,6 +290,8 @@ class ControlPlane:
             except AuthenticationError as exc:
                 self.failure = str(exc)
                 raise
+            if self._closing:
+                return
             failures += 1
             if failures > self._options.max_retry:
                 self.failure = (
@@ -531,6 +547,11 @@ class _Offer:
                 await control._request_fnc(request)
             except AssignmentTimeoutError as exc:
                 logger.warning("%s", exc, extra=self._extra)
+            except JobProcessError as exc:
+                # from accept(): the job was accepted and assigned, and the supervisor already
+                # reported it JS_FAILED; on_request did nothing wrong and nothing is rejected
+                logger.error("job %s was accepted but could not be launched: %s", self._job.id,
+                             exc, extra=self._extra)
             except Exception:
                 logger.exception("on_request raised for job %s; rejecting it", self._job.id,
                                  extra=self._extra)
