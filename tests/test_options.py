@@ -53,4 +53,12 @@ def test_urls() -> None:
 @pytest.mark.parametrize("field", ["drain_timeout", "request_timeout", "ping_timeout"])
 def test_non_positive_timeouts_are_rejected(field: str) -> None:
     with pytest.raises(ConfigError, match=field):
-        resolve_options(ServerOptions(**{field: 0}), devmode=False, environ=ENV)  # type: ignore[arg-type]
+        resolve_options(ServerOptions(**{field: 0}), devmode=False, environ=ENV)
+
+
+def test_job_executor_type_given_as_its_value() -> None:
+    from trio_agents import JobExecutorType, ServerOptions
+
+    assert ServerOptions(job_executor_type="thread").job_executor_type is JobExecutorType.THREAD
+    with pytest.raises(ValueError):
+        ServerOptions(job_executor_type="fiber")

@@ -127,7 +127,9 @@ class ServerOptions:
     """Returns the server's load 0..1; default is CPU utilisation over 2.5 s."""
     load_threshold: float | ServerEnvOption[float] = _EnvOpt(math.inf, 0.7)
     """At or above it the server reports ``WS_FULL`` and refuses offers."""
-    job_executor_type: JobExecutorType = JobExecutorType.PROCESS
+    job_executor_type: JobExecutorType = attrs.field(default=JobExecutorType.PROCESS,
+                                                     converter=JobExecutorType)
+    """``"process"`` or ``"thread"`` are taken too, as in livekit-agents."""
     job_memory_warn_mb: float = 1000.0
     job_memory_limit_mb: float = 0.0
     """0 disables the limit."""
