@@ -53,7 +53,7 @@ def test_urls() -> None:
 @pytest.mark.parametrize("field", ["drain_timeout", "request_timeout", "ping_timeout"])
 def test_non_positive_timeouts_are_rejected(field: str) -> None:
     with pytest.raises(ConfigError, match=field):
-        resolve_options(ServerOptions(**{field: 0}), devmode=False, environ=ENV)
+        resolve_options(ServerOptions(**{field: 0}), devmode=False, environ=ENV)  # type: ignore[arg-type]
 
 
 def test_job_executor_type_given_as_its_value() -> None:
