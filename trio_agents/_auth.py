@@ -83,6 +83,22 @@ class VideoGrants:
 
 
 @attrs.frozen(kw_only=True)
+class SIPGrants:
+    """The ``sip`` claim: ``admin`` manages trunks and dispatch rules, ``call`` places and
+    transfers calls (``CreateSIPParticipant``, ``TransferSIPParticipant``)."""
+
+    admin: bool = False
+    call: bool = False
+
+    def to_claim(self) -> dict[str, Any]:
+        return {k: v for k, v in (("admin", self.admin), ("call", self.call)) if v}
+
+    @classmethod
+    def from_claim(cls, claim: Mapping[str, Any]) -> SIPGrants:
+        return cls(admin=claim.get("admin") is True, call=claim.get("call") is True)
+
+
+@attrs.frozen(kw_only=True)
 class Claims:
     """The verified claims of a token."""
 
@@ -93,6 +109,7 @@ class Claims:
     metadata: str = ""
     attributes: Mapping[str, str] = attrs.field(factory=dict)
     video: VideoGrants | None = None
+    sip: SIPGrants | None = None
     expires_at: float = 0.0
 
 
@@ -101,6 +118,7 @@ def create_token(
     api_secret: str,
     *,
     video: VideoGrants,
+    sip: SIPGrants | None = None,
     identity: str = "",
     name: str = "",
     kind: str = "",
@@ -121,6 +139,8 @@ def create_token(
         "exp": issued + int(ttl),
         "video": video.to_claim(),
     }
+    if sip is not None and sip.to_claim():
+        payload["sip"] = sip.to_claim()
     if identity:
         payload["identity"] = identity
     if name:
@@ -186,6 +206,7 @@ def verify_token(
     if not_before - LEEWAY > current:
         raise TokenError("invalid authorization token: token is not valid yet")
     video = claims.get("video")
+    sip = claims.get("sip")
     raw_attributes = claims.get("attributes") or {}
     return Claims(
         api_key=api_key,
@@ -195,6 +216,7 @@ def verify_token(
         metadata=str(claims.get("metadata") or ""),
         attributes={str(k): str(v) for k, v in dict(raw_attributes).items()},
         video=VideoGrants.from_claim(video) if isinstance(video, Mapping) else None,
+        sip=SIPGrants.from_claim(sip) if isinstance(sip, Mapping) else None,
         expires_at=expires_at,
     )
 

@@ -132,7 +132,7 @@ class ProcessSupervisor:
             preload = [ref.module if not ref.path else f"file:{ref.path}"
                        for ref in (self._init.entrypoint, self._init.setup,
                                    self._init.session_end) if ref is not None]
-            env = child_environment(f"{self._token}/zygote/")
+            env = child_environment(f"{self._token}/zygote/", config)
             for var in ZYGOTE_SINGLE_THREADED:  # numpy's BLAS would start threads on import
                 env.setdefault(var, "1")
             self._zygote = Zygote(env, preload)
