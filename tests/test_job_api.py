@@ -32,10 +32,10 @@ async def test_job_reaches_the_livekit_api(dev: DevServer, use_zygote: bool,
     (job,) = dev.jobs.values()
     assert (job.status, job.error) == (2, "")  # JS_SUCCESS
     seen = {r.getMessage(): r for r in caplog.records if r.name == "agents.api_agent"}
-    assert json.loads(seen["environment"].lk_env) == {"LIVEKIT_URL": dev.url,
+    assert json.loads(seen["environment"].__dict__["lk_env"]) == {"LIVEKIT_URL": dev.url,
                                           "LIVEKIT_API_KEY": dev.api_key,
                                           "LIVEKIT_API_SECRET": dev.api_secret}
-    assert json.loads(seen["rooms"].rooms) == ["call-room"]
-    assert json.loads(seen["sip"].sip_answers) == [
+    assert json.loads(seen["rooms"].__dict__["rooms"]) == ["call-room"]
+    assert json.loads(seen["sip"].__dict__["sip_answers"]) == [
         ["not_found", "requested sip trunk does not exist"],
         ["not_found", "participant does not exist"]]

@@ -102,6 +102,7 @@ class JobProcessHandle:
         self.pid = 0
         self.spawned_at = 0.0
         self.ready_at = 0.0
+        self.initialize_sent_at = 0.0
         self._process: trio.Process | ThreadRun | ForkedProcess | None = None
         self._chan: _ipc.IpcChannel | None = None
         self._life = trio.CancelScope()
@@ -216,6 +217,7 @@ class JobProcessHandle:
         assert self._process is not None and self._chan is not None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read_loop)
+            self.initialize_sent_at = trio.current_time()
             try:
                 await self._chan.send(self._init)
             except RemoteProtocolError:
