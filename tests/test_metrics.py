@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,7 +15,7 @@ import trio.testing
 from livekit.protocol import agent
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents import scripted
+from agents import api_agent, scripted
 from control_helpers import make_control, running
 from test_server import dev, dispatch, final_status, make_server, serving  # noqa: F401
 from trio_agents import ConfigError, JobRequest
@@ -204,3 +205,21 @@ def test_failed_jobs_get_a_cause_from_their_error() -> None:
         == "unresponsive"
     assert INTERRUPTED.startswith("stopped before it finished")
     assert len({c for _, c in FAILURE_CAUSES}) < 12  # a label, not a message
+
+
+async def test_multiproc_dir_adds_what_job_processes_record(
+    dev: DevServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    directory = tmp_path / "prom"
+    directory.mkdir()
+    (directory / "counter_999.db").write_bytes(b"stale: from a previous run")
+    server = make_server(dev, prometheus_multiproc_dir=str(directory))
+    server.rtc_session(api_agent.count_in_job, agent_name="scripted")
+    async with serving(server):
+        assert not (directory / "counter_999.db").exists()
+        job_id = await dispatch(dev, "r-count", "")
+        assert (await final_status(dev, job_id))[0] == agent.JS_SUCCESS
+        samples = await scrape(server.health_port)
+    assert value(samples, "job_custom_events_total", room="r-count") == 3
+    assert value(samples, "trio_agents_offers_total", answer="accepted") == 1

@@ -32,3 +32,12 @@ async def entrypoint(ctx: JobContext) -> None:
     except SIPError as exc:
         answers.append([exc.code, exc.msg])
     log.info("sip", extra={"sip_answers": json.dumps(answers)})
+
+
+async def count_in_job(ctx: JobContext) -> None:
+    """Records a metric of its own with prometheus-client's default registry (multiprocess
+    mode when the server gives the job a ``PROMETHEUS_MULTIPROC_DIR``)."""
+    from prometheus_client import Counter
+
+    Counter("job_custom_events", "Events counted inside a job", ["room"]).labels(
+        ctx.room_name).inc(3)
