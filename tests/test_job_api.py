@@ -39,9 +39,9 @@ class _Seen(logging.Handler):
 
 async def run_api_job(url: str, key: str, secret: str,
                       dispatch: Callable[[], Awaitable[object]], *,
-                      use_zygote: bool = True) -> dict[str, Any]:
+                      use_zygote: bool = True) -> tuple[dict[str, Any], AgentServer]:
     """Run ``api_agent.entrypoint`` once on an agent server registered at ``url``; what the
-    job logged (``environment``, ``rooms``, ``sip``)."""
+    job logged (``environment``, ``rooms``, ``sip``), and the (drained) server."""
     seen = _Seen()
     log = logging.getLogger("agents.api_agent")
     log.addHandler(seen)
@@ -59,7 +59,7 @@ async def run_api_job(url: str, key: str, secret: str,
     finally:
         log.removeHandler(seen)
         log.setLevel(old_level)
-    return seen.fields
+    return seen.fields, server
 
 
 @pytest.mark.parametrize("use_zygote", [True, False], ids=["forked", "cold"])
@@ -67,7 +67,7 @@ async def test_job_reaches_the_livekit_api(dev: DevServer, use_zygote: bool,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):
         monkeypatch.delenv(name, raising=False)  # only the server's options may supply them
-    seen = await run_api_job(dev.url, dev.api_key, dev.api_secret,
+    seen, _ = await run_api_job(dev.url, dev.api_key, dev.api_secret,
                              lambda: dev.create_dispatch("call-room", "api"),
                              use_zygote=use_zygote)
     (job,) = dev.jobs.values()

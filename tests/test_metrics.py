@@ -207,14 +207,20 @@ def test_failed_jobs_get_a_cause_from_their_error() -> None:
     assert len({c for _, c in FAILURE_CAUSES}) < 12  # a label, not a message
 
 
+@pytest.mark.parametrize("given_by", ["option", "environment"])
 async def test_multiproc_dir_adds_what_job_processes_record(
-    dev: DevServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    dev: DevServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    given_by: str,
 ) -> None:
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     directory = tmp_path / "prom"
     directory.mkdir()
     (directory / "counter_999.db").write_bytes(b"stale: from a previous run")
-    server = make_server(dev, prometheus_multiproc_dir=str(directory))
+    if given_by == "option":
+        monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+        server = make_server(dev, prometheus_multiproc_dir=str(directory))
+    else:
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
+        server = make_server(dev)
     server.rtc_session(api_agent.count_in_job, agent_name="scripted")
     async with serving(server):
         assert not (directory / "counter_999.db").exists()

@@ -146,9 +146,19 @@ async def test_api_and_sip_in_a_job_against_the_real_server(
             await api.agent_dispatch.create_dispatch(agent_dispatch.CreateAgentDispatchRequest(
                 room="call-room", agent_name="api"))
 
-        seen = await run_api_job(url, KEY, SECRET, dispatch)
+        seen, server = await run_api_job(url, KEY, SECRET, dispatch)
     assert seen["environment"] == {"LIVEKIT_URL": url, "LIVEKIT_API_KEY": KEY,
                                    "LIVEKIT_API_SECRET": SECRET}
     assert seen["rooms"] == ["call-room"]
     assert seen["sip"] == [["not_found", "requested sip trunk does not exist"],
                            ["not_found", "participant does not exist"]]
+    # the server's metrics saw the offer, the dispatch and the job's success
+    assert server.metrics is not None
+    metrics = server.metrics.registry
+    node = {"nodename": server.metrics.nodename}
+    assert metrics.get_sample_value("trio_agents_offers_total",
+                                    {**node, "answer": "accepted"}) == 1
+    assert metrics.get_sample_value("trio_agents_dispatch_latency_seconds_count", node) == 1
+    assert metrics.get_sample_value("trio_agents_jobs_total", {
+        **node, "status": "JS_SUCCESS", "cause": "success"}) == 1
+    assert metrics.get_sample_value("trio_agents_registrations_total", node) == 1
