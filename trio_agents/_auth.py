@@ -89,6 +89,22 @@ class VideoGrants:
 
 
 @attrs.frozen(kw_only=True)
+class SIPGrants:
+    """The ``sip`` claim: ``admin`` manages trunks and dispatch rules, ``call`` places and
+    transfers calls (``CreateSIPParticipant``, ``TransferSIPParticipant``)."""
+
+    admin: bool = False
+    call: bool = False
+
+    def to_claim(self) -> dict[str, Any]:
+        return {k: v for k, v in (("admin", self.admin), ("call", self.call)) if v}
+
+    @classmethod
+    def from_claim(cls, claim: Mapping[str, Any]) -> SIPGrants:
+        return cls(admin=claim.get("admin") is True, call=claim.get("call") is True)
+
+
+@attrs.frozen(kw_only=True)
 class Claims:
     """The verified claims of a token."""
 
@@ -99,6 +115,7 @@ class Claims:
     metadata: str = ""
     attributes: Mapping[str, str] = attrs.field(factory=dict)
     video: VideoGrants | None = None
+    sip: SIPGrants | None = None
     expires_at: float = 0.0
 
 
@@ -107,6 +124,7 @@ def create_token(
     api_secret: str,
     *,
     video: VideoGrants,
+    sip: SIPGrants | None = None,
     identity: str = "",
     name: str = "",
     kind: str = "",
@@ -127,6 +145,8 @@ def create_token(
         "exp": issued + int(ttl),
         "video": video.to_claim(),
     }
+    if sip is not None and sip.to_claim():
+        payload["sip"] = sip.to_claim()
     if identity:
         payload["identity"] = identity
     if name:
@@ -356,6 +376,7 @@ def verify_token(
         if claims.get(name) is not None and current + LEEWAY < numeric_date(claims[name]):
             raise TokenError(f"invalid authorization token: {problem}")
     video = claims.get("video")
+    sip = claims.get("sip")
     attributes = claims.get("attributes") or {}
     return Claims(
         api_key=api_key,
@@ -365,6 +386,7 @@ def verify_token(
         metadata=_go_string(claims.get("metadata") or ""),
         attributes={_go_string(k): _go_string(v or "") for k, v in attributes.items()},
         video=VideoGrants.from_claim(video) if isinstance(video, dict) else None,
+        sip=SIPGrants.from_claim(sip) if isinstance(sip, dict) else None,
         expires_at=float(expires_at),
     )
 

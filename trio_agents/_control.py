@@ -30,7 +30,7 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final, final
+from typing import TYPE_CHECKING, Final, final
 from urllib.parse import urlsplit
 
 import attrs
@@ -61,6 +61,9 @@ from ._protocol import (
     Registered,
 )
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from ._metrics import ServerMetrics
 
 logger = logging.getLogger("trio_agents")
 
@@ -167,8 +170,10 @@ class ControlPlane:
         load_sampler: LoadSampler,
         open_stream: OpenStream = open_tcp_stream,
         rng: random.Random | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self._config = config
+        self.metrics = metrics
         self._options = config.options
         self._supervisor = supervisor
         self._request_fnc = request_fnc or accept_all
@@ -299,6 +304,8 @@ class ControlPlane:
                 )
                 raise ServerConnectionError(self.failure)
             delay = reconnect_delay(failures, self._rng)
+            if self.metrics is not None:
+                self.metrics.reconnecting()
             logger.warning(
                 "LiveKit connection failed: %s; retrying in %.1f s (attempt %d of %d)",
                 reason, delay, failures, self._options.max_retry,
@@ -392,6 +399,8 @@ class ControlPlane:
             if running:
                 # the new connection has a new worker id; tell the server what still runs
                 session.send(lambda p: p.migrate(running))
+            if self.metrics is not None:
+                self.metrics.registered_now()
             registered()
             try:
                 async with trio.open_nursery() as nursery:
@@ -512,6 +521,8 @@ class ControlPlane:
                 logger.info("refusing job %s: %s", job.id,
                             "draining" if self.draining else "at capacity",
                             extra={"job_id": job.id, "room": job.room.name})
+                if self.metrics is not None:
+                    self.metrics.offer_answered("rejected")
                 session.send(lambda p: p.answer(
                     agent.AvailabilityResponse(job_id=job.id, available=False)))
                 return
@@ -567,6 +578,9 @@ class _Offer:
         self.answer(agent.AvailabilityResponse(job_id=self._job.id, available=False))
 
     def answer(self, response: agent.AvailabilityResponse) -> None:
+        if self._control.metrics is not None:
+            self._control.metrics.offer_answered(
+                "timeout" if self._answer_scope.cancelled_caught else "rejected")
         self._session.send(lambda p: p.answer(response))
 
     async def accepted(self, args: JobAcceptArguments) -> None:
@@ -575,6 +589,8 @@ class _Offer:
         # The answer is given: from here the request deadline no longer applies; the
         # assignment and launch are bounded by their own timeouts.
         self._answer_scope.deadline = math.inf
+        if control.metrics is not None:
+            control.metrics.offer_answered("accepted")
         pending = control._assignments[job_id] = _Assignment()
         try:
             sent = self._session.send(lambda p: p.answer(agent.AvailabilityResponse(

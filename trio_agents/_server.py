@@ -6,7 +6,8 @@ Theory of operation
 ::
 
     AgentServer.run(*, task_status)          started(worker_id) once registered
-    ├── health server                        hypercorn on trio; started(bound port)
+    ├── health server                        hypercorn on trio; started(bound port); /metrics
+    ├── metrics server                       only with prometheus_port: /metrics alone
     ├── job supervisor                       idle pool + one task per job process
     └── control plane                        /agent connection, offers, status, load
 
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
     # one) and should not pay for the websocket stack
     from ._control import ControlPlane, OpenStream
     from ._health import HealthInfo
+    from ._metrics import ServerMetrics, ServerState
 
 logger = logging.getLogger("trio_agents")
 
@@ -119,7 +121,10 @@ class AgentServer:
         self._stop = trio.Event()
         self._stopped = trio.Event()
         self._drained_cleanly = False
+        self._metrics: ServerMetrics | None = None
         self.health_port = 0
+        self.prometheus_port = 0
+        """The bound ``prometheus_port`` (0 when not serving one)."""
 
     @classmethod
     def from_server_options(cls, options: ServerOptions) -> AgentServer:
@@ -235,6 +240,23 @@ class AgentServer:
     def registered(self) -> bool:
         return self._control.registered if self._control else False
 
+    @property
+    def metrics(self) -> ServerMetrics | None:
+        """The Prometheus metrics of the current (or last) run; ``None`` before ``run``."""
+        return self._metrics
+
+    def _metrics_state(self) -> ServerState:
+        from ._metrics import ServerState, job_pids
+
+        control = self._control
+        return ServerState(
+            active_jobs=len(self.active_jobs),
+            load=control.capacity.load if control else 0.0,
+            draining=self.draining,
+            registered=self.registered,
+            job_pids=job_pids(getattr(self._supervisor, "job_processes", ())),
+        )
+
     def health(self) -> HealthInfo:
         """A snapshot for the health endpoint (``/`` readiness, ``/worker``)."""
         from ._health import HealthInfo
@@ -301,6 +323,7 @@ class AgentServer:
 
         from ._control import CLOSE_TIMEOUT, ControlPlane, open_tcp_stream
         from ._health import serve_health
+        from ._metrics import ServerMetrics, prepare_multiproc_dir
         from ._supervisor import ProcessSupervisor
 
         logger.debug(
@@ -315,13 +338,18 @@ class AgentServer:
         self._config = config
         self._stop = trio.Event()
         self._stopped = trio.Event()
-        supervisor = ProcessSupervisor(config, report=self._report_job_status)
+        if config.prometheus_multiproc_dir:
+            prepare_multiproc_dir(config.prometheus_multiproc_dir)
+        metrics = self._metrics = ServerMetrics(multiproc_dir=config.prometheus_multiproc_dir)
+        metrics.state = self._metrics_state
+        supervisor = ProcessSupervisor(config, report=self._report_job_status, metrics=metrics)
         control = ControlPlane(
             config,
             supervisor=supervisor,
             request_fnc=config.options.request_fnc,
             load_sampler=self._load_sampler(config),
             open_stream=open_stream or open_tcp_stream,
+            metrics=metrics,
         )
         self._supervisor, self._control = supervisor, control
         try:
@@ -329,9 +357,13 @@ class AgentServer:
             # raised as itself (the Raises: above), never as a group around it
             with unwrap_errors(TrioAgentsError):
                 async with trio.open_nursery() as root:
-                    self.health_port = await root.start(
-                        partial(serve_health, self, host=config.options.host, port=config.port)
-                    )
+                    self.health_port = await root.start(partial(
+                        serve_health, self, host=config.options.host, port=config.port,
+                        metrics=metrics.scrape))
+                    if config.prometheus_port is not None:
+                        self.prometheus_port = await root.start(partial(
+                            serve_health, None, host=config.options.host,
+                            port=config.prometheus_port, metrics=metrics.scrape))
                     jobs_scope = trio.CancelScope()
                     jobs_done = trio.Event()
                     await root.start(_run_supervisor, supervisor, jobs_scope, jobs_done)
@@ -359,6 +391,9 @@ class AgentServer:
             self._running = False
 
     def _report_job_status(self, job_id: str, status: int, error: str) -> None:
+        if self._metrics is not None:
+            info = next((i for i in self.active_jobs if i.job.id == job_id), None)
+            self._metrics.job_status(job_id, status, error, info.received_at if info else None)
         if self._control is not None:
             self._control.report_job_status(job_id, status, error)
 
