@@ -172,3 +172,18 @@ async def test_sip_calls_need_the_call_grant(dev: DevServer, method: str, body: 
 def test_sip_error_reads_the_sip_status() -> None:
     error = SIPError("unavailable", "twirp error: sip status: 486 (Busy Here)", 503)
     assert (error.sip_status, error.sip_message, error.status) == (486, "Busy Here", 503)
+
+
+def test_access_token_builds_what_the_servers_verify() -> None:
+    from trio_agents._auth import verify_token
+    from trio_agents.api import AccessToken, VideoGrants
+
+    jwt = (AccessToken("devkey", "secret").with_identity("alice").with_name("Alice")
+           .with_kind("sip").with_metadata("m").with_attributes({"a": "1"})
+           .with_grants(VideoGrants(room_join=True, room="support")).to_jwt())
+    claims = verify_token(jwt, {"devkey": "secret"})
+    assert (claims.identity, claims.name, claims.kind, claims.metadata, dict(claims.attributes)) \
+        == ("alice", "Alice", "sip", "m", {"a": "1"})
+    assert claims.video is not None and claims.video.room_join and claims.video.room == "support"
+    with pytest.raises(ConfigError):
+        AccessToken("", "secret")

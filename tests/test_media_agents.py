@@ -49,7 +49,7 @@ def env(backend: Backend) -> dict[str, str]:
 @asynccontextmanager
 async def example_agent(backend: Backend, example: str) -> AsyncIterator[CliProcess]:
     """``python examples/<example> dev --no-reload`` against ``backend``, registered; on
-    leaving, the rooms are deleted (their jobs end), and SIGTERM stops it: it must exit 0.
+    leaving, the rooms are deleted, their jobs end, and SIGTERM stops it: it must exit 0.
 
     ``dev``, as a developer runs an example: its load threshold is off, so the machine's own
     load (a native WebRTC client per participant, on 2 cores) cannot make it refuse the job.
@@ -65,6 +65,9 @@ async def example_agent(backend: Backend, example: str) -> AsyncIterator[CliProc
         async with LiveKitAPI(backend.url, backend.api_key, backend.api_secret) as api:
             for room in (await api.room.list_rooms(ListRoomsRequest())).rooms:
                 await api.room.delete_room(DeleteRoomRequest(room=room.name))
+        jobs = len([line for line in agent_cli.lines if "assigned, launching it" in line])
+        with trio.fail_after(20):  # each job process exits once the server ends its job
+            await agent_cli.wait_for(r"job process \d+ exited", count=jobs)
         agent_cli.signal(signal.SIGTERM)
         assert await agent_cli.wait() == 0, "\n".join(agent_cli.lines[-30:])
 
@@ -213,3 +216,15 @@ async def test_an_audio_stream_cut_mid_frame_in_a_job_leaves_a_clean_exit(
             with trio.fail_after(20):
                 await logs.wait_for("exited (exit code 0)")
         assert not logs.matching("panic") and not logs.matching("SIGTERM")
+
+
+async def test_the_readme_way_echo_agent_and_tone_participant(livekit: Backend) -> None:
+    """As the README says: the echo agent in one terminal, the tone participant in another."""
+    async with example_agent(livekit, "echo.py"), \
+            run_cli(["examples/tone_participant.py", "readme-echo"], env=env(livekit)) as singer:
+        with trio.fail_after(40):
+            line = await singer.wait_for(r"echo 5: \d+ Hz")
+        assert await singer.wait() == 0
+        assert all(abs(int(found.split(": ")[1].split(" Hz")[0]) - 440) <= 5
+                   for found in singer.lines if found.startswith("echo ")), singer.lines
+        assert line

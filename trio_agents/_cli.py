@@ -328,6 +328,7 @@ async def _serve_embedded(server: AgentServer, devmode: bool, room: str | None) 
 
 def log_embedded(dev: DevServer) -> None:
     logger.info(
-        "no LIVEKIT_URL set: using the embedded dev server at %s (key %s). To use a real "
-        "LiveKit server or LiveKit Cloud, set LIVEKIT_URL, LIVEKIT_API_KEY and "
-        "LIVEKIT_API_SECRET (or --url/--api-key/--api-secret).", dev.url, dev.api_key)
+        "no LIVEKIT_URL set: using the embedded dev server at %s (API key %s, secret %s: "
+        "participants join with tokens signed by them). To use a real LiveKit server or "
+        "LiveKit Cloud, set LIVEKIT_URL, LIVEKIT_API_KEY and LIVEKIT_API_SECRET (or "
+        "--url/--api-key/--api-secret).", dev.url, dev.api_key, dev.api_secret)

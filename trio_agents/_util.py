@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
 
@@ -63,3 +63,18 @@ def unwrap_errors(*types: type[BaseException]) -> Iterator[None]:
         if len(found) == 1 and isinstance(found[0], types):
             reraise_unwrapped(found[0])
         raise
+
+
+def tolerate_past_deadlines(loop: Any) -> None:
+    """Let a trio-asyncio ``loop`` take a negative ``call_later`` delay, as asyncio does.
+
+    asyncio runs a callback whose delay is negative as soon as it can; trio-asyncio asserts
+    the delay is not negative. The realtime SDK's ``AudioSource.capture_frame`` computes a
+    negative one whenever its producer runs late (a busy machine), which would crash the job.
+    """
+    call_later = loop.call_later
+
+    def clamped(delay: float, callback: Any, *args: Any, **context: Any) -> Any:
+        return call_later(max(delay, 0.0), callback, *args, **context)
+
+    loop.call_later = clamped

@@ -16,17 +16,20 @@ Each call carries a fresh short-lived token with just the grants it needs. Used 
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Final, TypeVar, final
+from typing import Any, Final, TypeVar, final
 
 import httpx
 from google.protobuf.message import Message
 from livekit.protocol import agent_dispatch, models, room, sip
 
-from ._auth import SIPGrants, VideoGrants, create_token
+from ._auth import SIPGrants as SIPGrants
+from ._auth import VideoGrants as VideoGrants
+from ._auth import create_token
 from ._errors import ConfigError, TrioAgentsError
 
 M = TypeVar("M", bound=Message)
@@ -279,5 +282,61 @@ class SipService:
             raise SIPError(exc.code, exc.msg, exc.status) from exc
 
 
-__all__ = ["TWIRP_STATUS", "AgentDispatchService", "LiveKitAPI", "RoomService", "SIPError",
-           "SipService", "TwirpError", "http_base"]
+@final
+class AccessToken:
+    """A participant's (or a service's) token, built as with livekit-api::
+
+        token = (AccessToken(api_key, api_secret).with_identity("alice").with_name("Alice")
+                 .with_grants(VideoGrants(room_join=True, room="support")).to_jwt())
+
+    Each ``with_*`` returns the same builder; ``to_jwt()`` signs it (HS256).
+    """
+
+    def __init__(self, api_key: str, api_secret: str) -> None:
+        if not api_key or not api_secret:
+            raise ConfigError("a token needs an API key and secret; set LIVEKIT_API_KEY and "
+                              "LIVEKIT_API_SECRET")
+        self._key, self._secret = api_key, api_secret
+        self._claims: dict[str, Any] = {"video": VideoGrants()}
+        self._ttl = datetime.timedelta(hours=6)
+
+    def with_identity(self, identity: str) -> AccessToken:
+        self._claims["identity"] = identity
+        return self
+
+    def with_name(self, name: str) -> AccessToken:
+        self._claims["name"] = name
+        return self
+
+    def with_kind(self, kind: str) -> AccessToken:
+        """``"agent"``, ``"sip"``, ...; empty for a standard participant."""
+        self._claims["kind"] = kind
+        return self
+
+    def with_metadata(self, metadata: str) -> AccessToken:
+        self._claims["metadata"] = metadata
+        return self
+
+    def with_attributes(self, attributes: Mapping[str, str]) -> AccessToken:
+        self._claims["attributes"] = dict(attributes)
+        return self
+
+    def with_grants(self, grants: VideoGrants) -> AccessToken:
+        self._claims["video"] = grants
+        return self
+
+    def with_sip_grants(self, grants: SIPGrants) -> AccessToken:
+        self._claims["sip"] = grants
+        return self
+
+    def with_ttl(self, ttl: datetime.timedelta) -> AccessToken:
+        self._ttl = ttl
+        return self
+
+    def to_jwt(self) -> str:
+        return create_token(self._key, self._secret, ttl=self._ttl.total_seconds(),
+                            **self._claims)
+
+
+__all__ = ["TWIRP_STATUS", "AccessToken", "AgentDispatchService", "LiveKitAPI", "RoomService",
+           "SIPError", "SIPGrants", "SipService", "TwirpError", "VideoGrants", "http_base"]

@@ -144,7 +144,10 @@ class MediaHost:
                    ) -> None:
         import trio_asyncio
 
+        from .._util import tolerate_past_deadlines
+
         async with trio_asyncio.open_loop() as loop:
+            tolerate_past_deadlines(loop)
             self._loop = loop
             task_status.started()
             try:
