@@ -328,3 +328,29 @@ async def _only_job_id(dev: DevServer) -> str:
 
 def test_fixed_random_has_no_jitter() -> None:
     assert FixedRandom().random() == 0.0
+
+
+@pytest.mark.parametrize("max_retry", [0, 3])
+async def test_a_cancel_that_lands_on_the_last_retry_stays_a_cancel(
+    autojump_clock: trio.testing.MockClock, max_retry: int,
+) -> None:
+    """The server is being stopped (its scope cancelled) just as the last attempt fails: the
+    cancel must win. It used to surface as ``ServerConnectionError`` (the attempt's error
+    was turned into the final failure with no checkpoint in between), which
+    ``AgentServer.run`` then raised instead of stopping quietly."""
+    attempts = 0
+    scope = trio.CancelScope()
+
+    async def failing(host: str, port: int, tls: bool) -> trio.abc.Stream:
+        nonlocal attempts
+        attempts += 1
+        if attempts == max_retry + 1:
+            scope.cancel()  # lands while this attempt fails, before any checkpoint
+        raise OSError(111, "Connection refused")
+
+    control, _ = make_control(failing, max_retry=max_retry)
+    with scope:
+        await control.run()
+    assert scope.cancelled_caught
+    assert attempts == max_retry + 1
+    assert control.failure == ""
