@@ -112,6 +112,7 @@ OpenStream = Callable[[str, int, bool], Awaitable[trio.abc.Stream]]
 LoadSampler = Callable[[], Awaitable[object]]
 #: (job_id, status, error) of a job status not yet written to the server.
 _Status = tuple[str, int, str]
+_FINAL: Final = (agent.JS_SUCCESS, agent.JS_FAILED)
 
 
 async def open_tcp_stream(host: str, port: int, tls: bool) -> trio.abc.Stream:
@@ -149,6 +150,9 @@ class _Session:
         ](math.inf)
         self._room = trio.Event()
         self._room.set()
+        self.unconfirmed: list[_Status] = []
+        """Final job statuses written, but not yet followed by a pong (the server's reader
+        may never have seen them): sent again on the next session if this one dies."""
 
     def heard(self) -> None:
         self.last_heard = trio.current_time()
@@ -179,11 +183,12 @@ class _Session:
 
     def close(self) -> list[_Status]:
         """No more sending; release anyone waiting for a flush of this session. Returns the job
-        statuses that were queued and never written, in order."""
+        statuses that were never written or never confirmed, in order."""
         self.scope.cancel()
         self.outbox_send.close()
         self._room.set()
-        unsent: list[_Status] = []
+        unsent = self.unconfirmed
+        self.unconfirmed = []
         while True:
             try:
                 item = self.outbox_receive.receive_nowait()
@@ -289,7 +294,7 @@ class ControlPlane:
 
         Without a session that can take it, the status is kept and sent after the next
         registration (see the module doc)."""
-        if status in (agent.JS_SUCCESS, agent.JS_FAILED):
+        if status in _FINAL:
             self._job_ended(job_id)
         session = self._session
         if session is None or not session.send(
@@ -553,6 +558,10 @@ class ControlPlane:
                     self._keep_unsent([(update.job_id, update.status, update.error)], first=True)
                 session.lose(f"closed while sending ({_close_text(exc)})")
                 return
+            if (message.WhichOneof("message") == "update_job"
+                    and message.update_job.status in _FINAL):
+                update = message.update_job
+                session.unconfirmed.append((update.job_id, update.status, update.error))
             session.written()
 
     async def _keepalive(self, ws: trio_websocket.WebSocketConnection, session: _Session) -> None:
@@ -562,6 +571,9 @@ class ControlPlane:
         timeout = self._options.server_ping_timeout
         while True:
             await trio.sleep(interval)
+            # the server answers a ping once its reader got there: what was written before it
+            # has been read
+            written = len(session.unconfirmed)
             with trio.move_on_after(timeout) as waited:
                 try:
                     await ws.ping()
@@ -572,6 +584,7 @@ class ControlPlane:
                 session.lose(f"the LiveKit server did not answer a ping within {timeout:g} s")
                 return
             session.heard()
+            del session.unconfirmed[:written]
 
     async def _status_loop(self, session: _Session) -> None:
         while True:
