@@ -23,7 +23,7 @@ from trio_agents.devserver import DevServer, open_dev_server
 from trio_agents.testing import memory_opener
 from trio_agents._control import OpenStream
 
-from control_helpers import FixedRandom, constant_load, make_control, running
+from control_helpers import FixedRandom, RecordingSupervisor, constant_load, make_control, running
 
 
 # pytest-trio only runs a test under a clock the test itself asks for: every test that uses
@@ -354,3 +354,29 @@ async def test_a_cancel_that_lands_on_the_last_retry_stays_a_cancel(
     assert scope.cancelled_caught
     assert attempts == max_retry + 1
     assert control.failure == ""
+
+
+@pytest.mark.parametrize("idle", [1, 2, 8])
+async def test_capacity_is_exact_whatever_the_idle_processes(
+    dev: DevServer, opener: OpenStream, autojump_clock: trio.testing.MockClock, idle: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """load = jobs / 2 with threshold 1.0 holds exactly 2 jobs. The old guess (threshold /
+    num_idle_processes per offer) took all 5 simultaneous offers with 8 idle processes and
+    only 1 with 1 idle process."""
+    supervisor = RecordingSupervisor()
+
+    async def two_jobs_fill_it() -> object:
+        return len(supervisor.running_jobs) / 2
+
+    control, _ = make_control(opener, supervisor=supervisor, load=two_jobs_fill_it,
+                              load_threshold=1.0, num_idle_processes=idle)
+    caplog.set_level(logging.INFO, logger="trio_agents")
+    async with running(control):
+        for n in range(5):  # five offers at the same instant
+            await dev.create_room(f"room-{n}")
+        await dev.wait_until(lambda: len(dev.jobs) == 5 and all(j.done for j in dev.jobs.values()))
+        assert len(supervisor.launched) == 2
+        assert sum(1 for j in dev.jobs.values() if j.dropped) == 3
+    refusals = [r.getMessage() for r in caplog.records if "refusing job" in r.getMessage()]
+    assert refusals and "reserved slot" in refusals[0]  # the real reason, not "load=0.0"
