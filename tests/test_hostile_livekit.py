@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -353,3 +354,55 @@ async def test_an_offer_flood_is_answered_without_dropping_the_session(
     assert not any("could be written" in r.getMessage() for r in caplog.records)
     refusals = [r for r in caplog.records if "refusing job" in r.getMessage()]
     assert len(refusals) <= 1 + trio.current_time() / 10
+
+
+# -- the same in real time, over TCP, through AgentServer and its health endpoint -------------
+
+
+async def no_load() -> float:
+    return 0.0
+
+
+@pytest.mark.slow
+async def test_a_silent_livekit_is_noticed_in_real_time(nursery: trio.Nursery) -> None:
+    """Real sockets, real clock, default ping options: the server registers us and hangs.
+    Health answers 503 once the silence is noticed (within 5 + 10 s), and we register again."""
+    import httpx
+
+    from trio_agents import AgentServer
+
+    from agents import scripted
+
+    async def script(conn: Connection) -> None:
+        if conn.number == 1:
+            await conn.register()
+            conn.gate.silent = True
+            await trio.sleep_forever()
+        else:
+            await conn.register(delay=3)  # so the 503 can be seen before the next registration
+            await conn.record()
+
+    hostile = HostileLiveKit(script)
+    listeners = await nursery.start(partial(trio.serve_tcp, hostile.handle_stream, 0,
+                                            host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    server = AgentServer(ws_url=f"ws://127.0.0.1:{port}", api_key="devkey", api_secret="secret",
+                         port=0, load_fnc=no_load, load_threshold=math.inf,
+                         num_idle_processes=0, use_zygote=False)
+    server.rtc_session(scripted.entrypoint)
+    async with trio.open_nursery() as inner:
+        await inner.start(server.run)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.health_port}") as http:
+            assert (await http.get("/")).status_code == 200
+            t0 = trio.current_time()
+            with trio.fail_after(60):
+                await hostile.wait_connections(2)
+            noticed = trio.current_time() - t0
+            ready = await http.get("/")
+            assert (ready.status_code, ready.text) == (503, "reconnecting to LiveKit")
+            second = hostile.connections[1]
+            with trio.fail_after(60):  # the first status report follows the registration
+                await second.wait_for(lambda: "update_worker" in second.kinds())
+            assert (await http.get("/")).status_code == 200
+        assert noticed >= 10  # not before a ping went unanswered for its whole timeout
+        await server.aclose()
