@@ -95,9 +95,9 @@ def test_one_at_a_time_until_a_weight_is_known_then_by_weight() -> None:
     before = cap.mark()
     cap.sampled(0.10, mark=0)  # a sample that does not reflect "a" yet (taken before it)
     assert cap.weight is None and isinstance(cap.admit(), Wait)
-    cap.sampled(0.2, mark=before)  # reflects "a": the weight is learnt
+    cap.sampled(0.28, mark=before)  # reflects "a": the weight is learnt, above the idle 8 %
     assert cap.weight == pytest.approx(0.2)
-    # 0.2 + n × 0.2 < 0.9 for n = 0..3: four more, the fifth is refused for reserved slots
+    # 0.28 + n × 0.2 < 0.9 for n = 0..3: four more, the fifth is refused for reserved slots
     assert admit_all(cap, 5) == ["Admit"] * 4 + ["Refuse"]
     refusal = cap.admit()
     assert isinstance(refusal, Refuse) and refusal.kind == "reserved"
@@ -125,6 +125,18 @@ def test_weight_has_a_floor_and_is_kept_after_jobs_end() -> None:
     cap.sampled(0.0, mark=cap.mark())
     assert cap.weight == MIN_JOB_WEIGHT  # learnt once, kept
     assert admit_all(cap, 80).count("Admit") == 70  # 70 × 1 % reaches 0.7
+
+
+def test_what_the_machine_spends_without_jobs_is_not_a_job_weight() -> None:
+    """A machine busy at 57 % with other work, and one job adds 1 %: a job weighs 1 %, not
+    57 % (which admitted 2 of 20 offers on a shared machine)."""
+    cap = Capacity(threshold=0.7)
+    cap.sampled(0.57, mark=cap.mark())  # no job: the baseline
+    cap.admit()
+    cap.accepted("a")
+    cap.sampled(0.58, mark=cap.mark())
+    assert cap.weight == pytest.approx(0.01)
+    assert admit_all(cap, 20).count("Admit") == 12  # 0.58 + 12 × 0.01 reaches 0.7
 
 
 def test_default_cpu_learns_from_the_last_interval() -> None:

@@ -13,8 +13,10 @@ where 2 fit, or 18 of 20 refused on an idle machine. So admission counts instead
 * Each sample records which active jobs it **reflects** (the caller says: jobs accepted
   before ``mark()`` was taken). Active jobs it does not reflect and reserved offers are
   **unmeasured**.
-* The **per-job weight** is learnt from samples: ``job_load / reflected jobs``, at least
-  ``MIN_JOB_WEIGHT``. Once learnt it is kept (a later sample with jobs refines it).
+* The **per-job weight** is learnt from samples: ``(job_load - baseline) / reflected jobs``,
+  at least ``MIN_JOB_WEIGHT``, where the baseline is the load of the last sample taken with
+  no job active (what the machine spends without us: other tenants, the server itself).
+  Once learnt it is kept (a later sample with jobs refines it).
 * An offer is admitted when ``load + unmeasured × weight`` is below the threshold. Until a
   weight is known, unmeasured work has no price, so offers are admitted **one at a time**: the
   next one waits (``Wait``) until a sample reflects the previous job, or its offer is refused.
@@ -82,6 +84,8 @@ class Capacity:
     _accepts: int = attrs.field(default=0, repr=False)
     _reflected: set[str] = attrs.field(factory=set, repr=False)
     """Active jobs the last sample reflects."""
+    _baseline: float = attrs.field(default=0.0, repr=False)
+    """The load of the last sample taken with no job active."""
 
     # -- jobs ---------------------------------------------------------------------------------
 
@@ -148,10 +152,12 @@ class Capacity:
         its moving average, which lags a new job by several samples.
         """
         self.load = load
+        share = load if job_load is None else job_load
+        if not self._active:
+            self._baseline = share
         self._reflected = {job for job, number in self._active.items() if number <= mark}
         if self._reflected:
-            self.weight = max((load if job_load is None else job_load) / len(self._reflected),
-                              MIN_JOB_WEIGHT)
+            self.weight = max((share - self._baseline) / len(self._reflected), MIN_JOB_WEIGHT)
 
     # -- reports ------------------------------------------------------------------------------
 
