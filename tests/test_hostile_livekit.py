@@ -22,6 +22,7 @@ from livekit.protocol import agent, models
 
 from trio_agents._control import CLOSE_TIMEOUT, ControlPlane, OpenStream
 from trio_agents._errors import ServerConnectionError
+from trio_agents._jobs import JobRequest
 from trio_agents.testing import memory_opener
 
 from control_helpers import RecordingSupervisor, make_control, running
@@ -318,10 +319,10 @@ async def test_statuses_reported_during_a_disconnect_arrive_after_reregistration
 # -- floods offers --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("threshold", [math.inf, 0.7])
+@pytest.mark.parametrize(("threshold", "handler_delay"), [(math.inf, 0), (0.7, 0), (math.inf, 1)])
 async def test_an_offer_flood_is_answered_without_dropping_the_session(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery,
-    caplog: pytest.LogCaptureFixture, threshold: float,
+    caplog: pytest.LogCaptureFixture, threshold: float, handler_delay: float,
 ) -> None:
     """Accepting a flood overflowed the 256-message outbox and dropped the session ("none
     could be written"); refusing one logged one INFO line per offer."""
@@ -341,8 +342,12 @@ async def test_an_offer_flood_is_answered_without_dropping_the_session(
     async def sample() -> object:
         return load
 
+    async def on_request(request: JobRequest) -> None:
+        await trio.sleep(handler_delay)  # every answer is owed at once, then comes at once
+        await request.accept()
+
     control, _ = make_control(opener_for(server, nursery), load_threshold=threshold,
-                              load=sample)
+                              load=sample, request_fnc=on_request)
     caplog.set_level(logging.INFO, logger="trio_agents")
     async with running(control):
         await server.wait_connections(1)

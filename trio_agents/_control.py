@@ -144,6 +144,9 @@ class _Session:
         self.lost_reason = ""
         self.registered_at = trio.current_time()
         self.last_heard = self.registered_at
+        self.last_written = self.registered_at
+        self.paused = False
+        """The receive loop waits for room in the outbox (it is not reading)."""
         # a trio.Event in the outbox is a flush marker: set once everything before it is written
         self.outbox_send, self.outbox_receive = trio.open_memory_channel[
             agent.WorkerMessage | trio.Event
@@ -152,7 +155,8 @@ class _Session:
         self._room.set()
         self.unconfirmed: list[_Status] = []
         """Final job statuses written, but not yet followed by a pong (the server's reader
-        may never have seen them): sent again on the next session if this one dies."""
+        may never have seen them), then the one whose write failed: sent again on the next
+        session if this one dies."""
 
     def heard(self) -> None:
         self.last_heard = trio.current_time()
@@ -161,15 +165,26 @@ class _Session:
     def queued(self) -> int:
         return self.outbox_receive.statistics().current_buffer_used
 
+    @property
+    def owed(self) -> int:
+        """Messages queued, and answers owed to offers already read."""
+        return self.queued + self.proto.open_offers
+
     async def wait_for_room(self) -> None:
-        """Backpressure for the receive loop: wait while ``OUTBOX_SIZE`` messages are queued."""
-        if self.queued >= OUTBOX_SIZE:
+        """Backpressure for the receive loop: wait while ``OUTBOX_SIZE`` messages are queued
+        or owed (an offer still in ``on_request`` will queue its answer later)."""
+        if self.owed >= OUTBOX_SIZE:
             self._room = trio.Event()
-            await self._room.wait()
+            self.paused = True
+            try:
+                await self._room.wait()
+            finally:
+                self.paused = False
 
     def written(self) -> None:
         """The send loop wrote a message; readers may go on once half the outbox is free."""
-        if not self._room.is_set() and self.queued <= OUTBOX_SIZE // 2:
+        self.last_written = trio.current_time()
+        if not self._room.is_set() and self.owed <= OUTBOX_SIZE // 2:
             self._room.set()
 
     @property
@@ -554,8 +569,8 @@ class ControlPlane:
                 await ws.send_message(message.SerializeToString())
             except trio_websocket.ConnectionClosed as exc:
                 if message.WhichOneof("message") == "update_job":  # not written: keep it
-                    update = message.update_job
-                    self._keep_unsent([(update.job_id, update.status, update.error)], first=True)
+                    update = message.update_job  # (close() returns it, before the rest)
+                    session.unconfirmed.append((update.job_id, update.status, update.error))
                 session.lose(f"closed while sending ({_close_text(exc)})")
                 return
             if (message.WhichOneof("message") == "update_job"
@@ -574,15 +589,24 @@ class ControlPlane:
             # the server answers a ping once its reader got there: what was written before it
             # has been read
             written = len(session.unconfirmed)
-            with trio.move_on_after(timeout) as waited:
-                try:
-                    await ws.ping()
-                except trio_websocket.ConnectionClosed as exc:
-                    session.lose(f"closed by the server ({_close_text(exc)})")
+            while True:
+                sent_at = trio.current_time()
+                with trio.move_on_after(timeout) as waited:
+                    try:
+                        await ws.ping()
+                    except trio_websocket.ConnectionClosed as exc:
+                        session.lose(f"closed by the server ({_close_text(exc)})")
+                        return
+                if not waited.cancelled_caught:
+                    break
+                # No pong, but the server may be fine: it kept sending (the pong waits behind
+                # its messages), or we stopped reading (backpressure) while it kept reading
+                # what we wrote. Only a server that did neither is gone.
+                if not (session.last_heard >= sent_at
+                        or (session.paused and session.last_written >= sent_at)):
+                    session.lose(
+                        f"the LiveKit server did not answer a ping within {timeout:g} s")
                     return
-            if waited.cancelled_caught:
-                session.lose(f"the LiveKit server did not answer a ping within {timeout:g} s")
-                return
             session.heard()
             del session.unconfirmed[:written]
 
