@@ -22,7 +22,10 @@ Liveness: livekit-server answers websocket pings (it pings us every 10 s too, bu
 checks). We ping every ``server_ping_interval`` (5 s) and a pong must come within
 ``server_ping_timeout`` (10 s): a server that hangs, or stops in the middle of a frame, is
 noticed within 15 s (livekit-agents: about 46 s); ``registered`` turns false (health 503) and
-we reconnect.
+we reconnect. A pong that is late only because the server keeps sending (it waits behind those
+messages) or because our own backpressure stopped reading is waited for: only a server that
+neither sent nor read anything since the ping is given up. Final statuses written are
+confirmed by the next pong; those not confirmed when a session dies are sent again.
 
 Backoff (``_backoff``): the failure count is reset only by a session that was heard from for
 ``HEALTHY_SESSION`` seconds after registering, so a server that registers and then breaks
