@@ -170,6 +170,12 @@ class ServerOptions:
     memory_sample_interval: float = 5.0
     load_sample_interval: float = 0.5
     status_interval: float = 2.5
+    server_ping_interval: float = 5.0
+    """How often the ``/agent`` connection is pinged (websocket ping)."""
+    server_ping_timeout: float = 10.0
+    """A LiveKit server that does not answer a ping within this is treated as gone: health
+    503, reconnect. Silence is noticed within ``server_ping_interval + server_ping_timeout``
+    (livekit-agents: about 46 s)."""
     use_zygote: bool = True
     """Fork job processes from a pre-imported template process (fast, memory shared);
     ``False`` starts each job process as a fresh interpreter."""
@@ -262,6 +268,7 @@ def resolve_options(
         "drain_timeout", "shutdown_process_timeout", "initialize_process_timeout",
         "request_timeout", "assignment_timeout", "ping_interval", "ping_timeout",
         "memory_sample_interval", "load_sample_interval", "status_interval",
+        "server_ping_interval", "server_ping_timeout",
     ):
         if getattr(options, name) <= 0:
             raise ConfigError(f"{name} must be > 0 seconds, got {getattr(options, name)}")

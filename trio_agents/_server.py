@@ -230,7 +230,9 @@ class AgentServer:
 
     @property
     def active_jobs(self) -> list[RunningJobInfo]:
-        return list(self._supervisor.running_jobs) if self._supervisor else []
+        """Every job from its acceptance until its final status (what ``load_fnc(server)``
+        should count; a job not yet assigned has an empty ``token``)."""
+        return self._control.active_jobs if self._control else []
 
     @property
     def draining(self) -> bool:
@@ -397,17 +399,10 @@ class AgentServer:
         if self._control is not None:
             self._control.report_job_status(job_id, status, error)
 
-    def _load_sampler(self, config: RunConfig) -> Callable[[], Any]:
+    def _load_sampler(self, config: RunConfig) -> Callable[[], Any] | None:
         fnc = config.options.load_fnc
         if fnc is None:
-            from ._load import CpuLoad
-
-            cpu = CpuLoad()
-
-            async def sample_cpu() -> float:
-                return cpu.sample(trio.current_time())
-
-            return sample_cpu
+            return None  # the control plane's own CPU load (it learns a per-job weight)
         args: tuple[Any, ...] = () if _arity(fnc) == 0 else (self,)
         if inspect.iscoroutinefunction(fnc):
             async def sample_async() -> object:
