@@ -154,7 +154,8 @@ def test_running_job_info_survives_the_trip_with_accept_attributes() -> None:
 
 
 @pytest.mark.parametrize(("payload", "match"), [
-    (b"\xff", "not valid JSON"),
+    (b"\xff", "not UTF-8"),
+    (b"[1,", "not valid JSON"),
     (b"{}", r"not a \[tag, fields...\] array"),
     (b"[99]", "unknown IPC message tag 99"),
     (b"[2,1]", "Ping has 1 fields, expected 2"),
