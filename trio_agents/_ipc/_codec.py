@@ -124,18 +124,17 @@ def _too_deep(text: str) -> bool:
     """True if arrays and objects nest deeper than ``MAX_DEPTH`` (linear, in C, no recursion).
 
     Each pass removes the innermost bracket pairs, so a balanced structure of depth d is gone
-    after d passes. What is left after ``MAX_DEPTH`` passes is either deeper nesting or
-    unbalanced brackets; a few of those are left to the JSON parser to report (it cannot
-    recurse far on them), many are refused here.
+    after d passes. Brackets that no pass can remove are unbalanced: a few of those are left
+    to the JSON parser to report (it cannot recurse far on them), many are refused here.
     """
     brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
-    for _ in range(MAX_DEPTH):
+    for _ in range(MAX_DEPTH + 1):
         if not brackets:
             return False
         brackets, removed = _INNERMOST.subn("", brackets)
         if not removed:
-            break
-    return len(brackets) > MAX_DEPTH
+            return len(brackets) > MAX_DEPTH
+    return True
 
 
 def _parse_int(literal: str) -> int:
