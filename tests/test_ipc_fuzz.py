@@ -121,8 +121,8 @@ def for_hint(hint: object) -> st.SearchStrategy[object]:
         size = rule.max_len if isinstance(rule, Text) and rule.max_len is not None else 200
         return st.text(st.characters(codec="utf-8"), max_size=min(size, 200))
     if hint is int:
-        bounds = rule if isinstance(rule, Int) else Int()
-        return st.integers(bounds.lo, bounds.hi)
+        ints = rule if isinstance(rule, Int) else Int()
+        return st.integers(ints.lo, ints.hi)
     if hint is float:
         bounds = rule if isinstance(rule, Float) else Float()
         finite = st.floats(bounds.lo, bounds.hi, allow_nan=False, allow_infinity=False)
@@ -136,8 +136,9 @@ def for_hint(hint: object) -> st.SearchStrategy[object]:
     if typing.get_origin(hint) is Mapping:
         entries = rule if isinstance(rule, Entries) else Entries()
         keys = st.text(st.characters(codec="utf-8"), max_size=20)
-        if entries.key is not None:
-            keys = keys.filter(lambda k: entries.key(k) is None)  # type: ignore[misc]
+        key_rule = entries.key
+        if key_rule is not None:
+            keys = keys.filter(lambda k: key_rule(k) is None)
         values = valid_text if typing.get_args(hint)[1] is str else json_scalars
         return st.dictionaries(keys, values, max_size=8)
     raise AssertionError(f"no strategy for {hint!r}")
@@ -304,6 +305,7 @@ def test_brackets_inside_strings_are_not_nesting() -> None:
     ("created", -1.0, "created: number -1 out of range"),
     ("fields", {"__class__": 1}, "'__class__' is a reserved"),
     ("fields", {"getMessage": 1}, "'getMessage' is a reserved"),
+    ("fields", {"_x": 1}, "'_x' is a reserved"),
     ("fields", {"k" * (MAX_KEY_LENGTH + 1): 1}, "at most 256"),
     ("fields", {f"k{i}": i for i in range(MAX_ENTRIES + 1)}, "1025 entries"),
     ("fields", {"k": [1]}, "expected a scalar value, got list"),
@@ -336,6 +338,19 @@ def test_text_is_made_valid_on_the_way_out() -> None:
     assert isinstance(back, _ipc.LogRecord)
     assert back.msg == "f\ufffd \U0001f600"
     assert back.fields == {"path": "\ufffd"}
+
+
+def test_log_records_are_fitted_on_the_way_out() -> None:
+    # What user code puts in a log record must never make the job process fail to send it.
+    extras: dict[str, _ipc._messages.JsonScalar] = {f"k{i}": i for i in range(MAX_ENTRIES + 5)}
+    extras.update({"getMessage": 1, "_private": 2, "k" * (MAX_KEY_LENGTH + 1): 3, "name": 4})
+    msg = _ipc.LogRecord(name="n" * 5000, level=20, msg="m", created=1.0, fields=extras)
+    back = _ipc.decode(_ipc.encode(msg))
+    assert isinstance(back, _ipc.LogRecord)
+    assert back.name == "n" * 1024
+    assert len(back.fields) == MAX_ENTRIES
+    assert "getMessage" not in back.fields and "_private" not in back.fields
+    consume(back)
 
 
 def test_no_limit_durations_travel_as_inf() -> None:

@@ -24,9 +24,10 @@ the Python type where it matters, with ``typing.Annotated``:
   ``key`` names a rule for the keys.
 
 ``to_json`` is the inverse, and checks what it writes by the same rules (a value we cannot
-send is our bug: ``LocalProtocolError``), except that lone surrogates in text are replaced by
-U+FFFD instead of refused (a log message may carry a file name decoded with
-``surrogateescape``).
+send is our bug: ``DecodeError``, reported as ``LocalProtocolError``). Text and mappings are
+fitted instead, because log records carry what user code put in them: lone surrogates become
+U+FFFD (a file name decoded with ``surrogateescape``), text is cut to its ``max_len``, and
+mapping entries with a refused key, or beyond ``max_entries``, are left out.
 """
 
 from __future__ import annotations
@@ -101,14 +102,14 @@ TIMESTAMP: Final = Float(0.0, 1e11)
 #: A duration in seconds; ``inf`` for no limit.
 SECONDS: Final = Float(0.0, math.inf, allow_inf=True)
 
-_RECORD_ATTRIBUTES: Final = frozenset(dir(logging.LogRecord)) | frozenset(
-    logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+_RECORD_CLASS_ATTRIBUTES: Final = frozenset(dir(logging.LogRecord))
 
 
 def log_record_key(key: str) -> str | None:
     """Extra fields of a log record become attributes of a ``logging.LogRecord``: none may
-    replace one of its own (``getMessage``, ``__class__``, ``levelno``...)."""
-    if key.startswith("_") or key in _RECORD_ATTRIBUTES:
+    shadow an attribute of the class (``getMessage``, ``__class__``). Its instance attributes
+    (``name``, ``levelno``...) are set before the extras, which never replace them."""
+    if key.startswith("_") or key in _RECORD_CLASS_ATTRIBUTES:
         return f"{key!r} is a reserved log record attribute"
     return None
 
@@ -319,13 +320,27 @@ def to_json(value: object, hint: object) -> object:
     if isinstance(value, FunctionRef):
         value = [_valid_text(value.module), _valid_text(value.qualname), _valid_text(value.path)]
     elif isinstance(value, Mapping):
-        value = {_valid_text(str(k)): _plain(v) for k, v in value.items()}
+        value = _fit_mapping(value, rule if isinstance(rule, Entries) else Entries())
     elif value == math.inf and isinstance(rule, Float) and rule.allow_inf:
         return "inf"
     else:
         value = _plain(value)
+        if (isinstance(value, str) and isinstance(rule, Text) and not rule.choices
+                and rule.max_len is not None):
+            value = value[:rule.max_len]
     from_json(value, hint)
     return value
+
+
+def _fit_mapping(value: Mapping[object, object], entries: Entries) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, item in value.items():
+        if len(out) == entries.max_entries:
+            break
+        text = _valid_text(str(key))
+        if len(text) <= MAX_KEY_LENGTH and (entries.key is None or entries.key(text) is None):
+            out[text] = _plain(item)
+    return out
 
 
 def _plain(value: object) -> object:
