@@ -281,12 +281,35 @@ def test_integers_out_of_range_or_of_another_type(cls: type[_ipc.Message], pos: 
         _ipc.decode(("[" + ",".join(fields) + "]").encode())
 
 
-@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 1000, 100_000])
+@pytest.mark.parametrize(("depth", "match"), [
+    (MAX_DEPTH + 1, "nested deeper than 8 levels"),
+    (60, "nested deeper than 8 levels"),
+    (1000, "1001 arrays or objects and 1001 closing brackets"),
+    (1_000_000, "1000001 arrays or objects"),
+])
 @pytest.mark.parametrize(("open_", "close"), [("[", "]"), ('{"k":', "}")])
-def test_deep_nesting_is_refused_without_recursion(depth: int, open_: str, close: str) -> None:
+def test_deep_nesting_is_refused_without_recursion(depth: int, match: str, open_: str,
+                                                   close: str) -> None:
     payload = "[7," + open_ * depth + "1" + close * depth + "]"
-    with pytest.raises(RemoteProtocolError, match="nested deeper"):
+    with pytest.raises(RemoteProtocolError, match=match):
         _ipc.decode(payload.encode())
+
+
+@pytest.mark.parametrize(("payload", "match"), [
+    ("[7," + "[]," * 100 + "1]", "101 arrays or objects and 101 closing brackets"),
+    ("[7," + "[" * 9 + "]" * 100, "10 arrays or objects and 100 closing brackets"),
+    ("[7," + "1," * 2000 + "1]", "2002 array items or object entries"),
+    ("[7," + "{" + ",".join(f'"k{i}":1' for i in range(2000)) + "}]", "2001 array items"),
+])
+def test_many_arrays_brackets_or_items_are_refused(payload: str, match: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=match):
+        _ipc.decode(payload.encode())
+
+
+def test_commas_inside_strings_are_not_items() -> None:
+    msg = _ipc.LogRecord(name="x", level=20, msg="," * 100_000, created=1.0,
+                         fields={f"k{i}": "," for i in range(MAX_ENTRIES)})
+    assert _ipc.decode(_ipc.encode(msg)) == msg
 
 
 def test_nesting_up_to_the_limit_is_left_to_the_type_checks() -> None:

@@ -13,7 +13,7 @@ from proc_helpers import job_info, make_config, running_supervisor
 
 @pytest.mark.parametrize(("kind", "cause"), [
     ("huge_int", "integer literal of 5000 characters"),
-    ("deep", "nested deeper than 8 levels"),
+    ("deep", "10001 arrays or objects"),
     ("created_infinity", "Infinity is not a number JSON allows"),
     ("reserved_field", "LogRecord.fields: key '__class__' is a reserved log record attribute"),
     ("bad_outcome", "JobFinished.outcome: 'maybe' is not one of success, failed"),

@@ -4,8 +4,10 @@ A job process runs user code, so whatever it writes on its socket is untrusted i
 agent server. ``load_json`` parses a payload so that nothing in it can raise anything but
 ``RemoteProtocolError``:
 
-- nesting deeper than ``MAX_DEPTH`` is refused before the (recursive) JSON parser sees it,
-  so it cannot raise ``RecursionError``;
+- nesting deeper than ``MAX_DEPTH``, and more than ``MAX_CONTAINERS`` arrays and objects, are
+  refused before the (recursive) JSON parser sees them, so it cannot raise
+  ``RecursionError``, nor spend seconds on a frame of millions of empty arrays; so are more
+  than ``MAX_ITEMS`` items and entries in all;
 - an integer literal longer than ``MAX_INT_DIGITS`` characters is refused before it is
   converted (Python refuses > 4,300 digits with ``ValueError``, and converting is quadratic);
 - ``NaN``, ``Infinity`` and a float literal that overflows to infinity (``1e400``) are refused.
@@ -50,6 +52,8 @@ from .._loading import FunctionRef
 
 #: Deepest nesting of arrays and objects in a payload. The messages need 2.
 MAX_DEPTH: Final = 8
+#: Most arrays and objects in a payload. The messages have at most 4.
+MAX_CONTAINERS: Final = 64
 #: Longest integer literal: "-9223372036854775808" has 20 characters.
 MAX_INT_DIGITS: Final = 20
 INT64_MIN: Final = -(2**63)
@@ -58,6 +62,8 @@ INT64_MAX: Final = 2**63 - 1
 MAX_ENTRIES: Final = 1024
 #: Longest key of a mapping field.
 MAX_KEY_LENGTH: Final = 256
+#: Most array items and object entries in a payload, all arrays and objects together.
+MAX_ITEMS: Final = MAX_ENTRIES + 64
 
 JsonScalar = str | int | float | bool | None
 
@@ -121,21 +127,33 @@ _NOT_BRACKET: Final = re.compile(r"[^\[\]{}]+")
 _INNERMOST: Final = re.compile(r"[\[{][\]}]")
 
 
-def _too_deep(text: str) -> bool:
-    """True if arrays and objects nest deeper than ``MAX_DEPTH`` (linear, in C, no recursion).
+def _check_structure(text: str) -> None:
+    """Refuse nesting deeper than ``MAX_DEPTH``, more than ``MAX_CONTAINERS`` arrays and
+    objects, and more than ``MAX_ITEMS`` items in them, in linear time and without
+    recursion, before the JSON parser runs.
 
-    Each pass removes the innermost bracket pairs, so a balanced structure of depth d is gone
-    after d passes. Brackets that no pass can remove are unbalanced: a few of those are left
-    to the JSON parser to report (it cannot recurse far on them), many are refused here.
+    Most payloads have a handful of brackets, counted in C: they cannot nest deeper. Else the
+    strings are cut out and the brackets left are reduced: each pass removes the innermost
+    pairs, so a balanced structure of depth d is gone after d passes.
     """
+    if text.count(",") > MAX_ITEMS:
+        items = _STRING.sub("", text).count(",") + 1
+        if items > MAX_ITEMS:
+            raise DecodeError(f"{items} array items or object entries (at most {MAX_ITEMS})")
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return
     brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    opened = brackets.count("[") + brackets.count("{")
+    if opened > MAX_CONTAINERS or len(brackets) - opened > MAX_CONTAINERS:
+        raise DecodeError(f"{opened} arrays or objects and {len(brackets) - opened} closing "
+                          f"brackets (at most {MAX_CONTAINERS})")
     for _ in range(MAX_DEPTH + 1):
         if not brackets:
-            return False
+            return
         brackets, removed = _INNERMOST.subn("", brackets)
         if not removed:
-            return len(brackets) > MAX_DEPTH
-    return True
+            return  # unbalanced: the JSON parser says where (it can only recurse so far)
+    raise DecodeError(f"arrays or objects nested deeper than {MAX_DEPTH} levels")
 
 
 def _parse_int(literal: str) -> int:
@@ -165,8 +183,7 @@ def load_json(payload: bytes) -> object:
     except UnicodeDecodeError as exc:
         raise RemoteProtocolError(f"IPC message is not UTF-8: {exc}", reconnect=False) from exc
     try:
-        if _too_deep(text):
-            raise DecodeError(f"arrays or objects nested deeper than {MAX_DEPTH} levels")
+        _check_structure(text)
         return json.loads(text, parse_int=_parse_int, parse_float=_parse_float,
                           parse_constant=_parse_constant)
     except json.JSONDecodeError as exc:
