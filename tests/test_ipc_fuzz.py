@@ -23,7 +23,7 @@ from livekit.protocol import agent
 
 from trio_agents import _ipc
 from trio_agents._errors import RemoteProtocolError
-from trio_agents._ipc import FrameDecoder, encode_frame
+from trio_agents._ipc import FrameDecoder, _codec, encode_frame
 from trio_agents._ipc._codec import (
     INT64_MAX,
     INT64_MIN,
@@ -316,6 +316,21 @@ def test_nesting_up_to_the_limit_is_left_to_the_type_checks() -> None:
     payload = "[7," + "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1) + "]"
     with pytest.raises(RemoteProtocolError, match="LogRecord has 1 fields"):
         _ipc.decode(payload.encode())
+
+
+@FUZZ
+@given(st.text(st.sampled_from('"\\,[]{}ab'), max_size=60))
+@example('"' + '\\",' * 1000)
+@example('"' + '\\",' * 1000 + "\\")
+def test_cutting_strings_out_never_rescans(text: str) -> None:
+    # From any quote the string pattern matches at once, so re.sub never retries inside a
+    # string that failed to match: linear time. (A pattern that can fail there rescanned the
+    # rest of the payload from every escaped quote: 40 s for 120 KB.)
+    for at in (i for i, c in enumerate(text) if c == '"'):
+        match = _codec._STRING.match(text, at)
+        assert match is not None
+        closed = match.group().endswith('"') and match.end() - at > 1
+        assert closed or match.end() == len(text)
 
 
 def test_brackets_inside_strings_are_not_nesting() -> None:

@@ -122,7 +122,9 @@ def log_record_key(key: str) -> str | None:
 
 # -- parsing ----------------------------------------------------------------------------------
 
-_STRING: Final = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+#: A JSON string, or an unterminated one up to the end: from a quote it always matches, and
+#: at once (no backtracking), so cutting the strings out stays linear whatever the payload.
+_STRING: Final = re.compile(r'"[^"\\]*(?:\\(?:.|\Z)[^"\\]*)*(?:"|\Z)', re.DOTALL)
 _NOT_BRACKET: Final = re.compile(r"[^\[\]{}]+")
 _INNERMOST: Final = re.compile(r"[\[{][\]}]")
 
