@@ -35,6 +35,7 @@ mapping entries with a refused key, or beyond ``max_entries``, are left out.
 from __future__ import annotations
 
 import base64
+import functools
 import binascii
 import json
 import logging
@@ -204,12 +205,14 @@ def _describe(exc: BaseException) -> str:
 # -- typed fields -----------------------------------------------------------------------------
 
 
-def _split(hint: object) -> tuple[object, object | None]:
-    """``Annotated[T, rule]`` → ``(T, rule)``; anything else → ``(hint, None)``."""
+@functools.cache
+def _split(hint: object) -> tuple[object, object | None, object, tuple[object, ...]]:
+    """``Annotated[T, rule]`` → ``(T, rule, origin of T, args of T)``; cached per hint."""
+    rule = None
     if typing.get_origin(hint) is Annotated:
-        base, *extras = typing.get_args(hint)
-        return base, extras[0] if extras else None
-    return hint, None
+        hint, *extras = typing.get_args(hint)
+        rule = extras[0] if extras else None
+    return hint, rule, typing.get_origin(hint), typing.get_args(hint)
 
 
 def _text(value: str, rule: object = None) -> str:
@@ -261,9 +264,9 @@ def _scalar(value: object) -> JsonScalar:
 
 def from_json(value: object, hint: object) -> object:
     """One JSON value → the field's Python value, or ``DecodeError`` saying what is wrong."""
-    base, rule = _split(hint)
-    if typing.get_origin(base) in (Union, types.UnionType):
-        options = typing.get_args(base)
+    base, rule, origin, args = _split(hint)
+    if origin in (Union, types.UnionType):
+        options = args
         if value is None and type(None) in options:
             return None
         errors = []
@@ -301,18 +304,17 @@ def from_json(value: object, hint: object) -> object:
                 or not all(type(v) is str for v in value)):
             raise DecodeError("expected [module, qualname, path]")
         return FunctionRef(*(_text(v) for v in value))
-    if typing.get_origin(base) is Mapping:
-        return _mapping(value, base, rule)
+    if origin is Mapping:
+        return _mapping(value, args[1], rule)
     raise TypeError(f"the IPC codec has no rule for {hint!r}")  # a bug here, not in the peer
 
 
-def _mapping(value: object, base: object, rule: object) -> dict[str, object]:
+def _mapping(value: object, value_hint: object, rule: object) -> dict[str, object]:
     if type(value) is not dict:
         raise DecodeError(f"expected an object, got {type(value).__name__}")
     entries = rule if isinstance(rule, Entries) else Entries()
     if len(value) > entries.max_entries:
         raise DecodeError(f"{len(value)} entries (at most {entries.max_entries})")
-    _, value_hint = typing.get_args(base)
     out: dict[str, object] = {}
     for key, item in value.items():
         _text(key, Text(MAX_KEY_LENGTH))
@@ -333,7 +335,7 @@ def to_json(value: object, hint: object) -> object:
     Lone surrogates in text become U+FFFD; anything else ``from_json`` would refuse raises
     ``DecodeError`` (for the caller to report as our bug).
     """
-    _, rule = _split(hint)
+    rule = _split(hint)[1]
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
     if isinstance(value, FunctionRef):
