@@ -154,7 +154,8 @@ def test_running_job_info_survives_the_trip_with_accept_attributes() -> None:
 
 
 @pytest.mark.parametrize(("payload", "match"), [
-    (b"\xff", "not valid JSON"),
+    (b"\xff", "not UTF-8"),
+    (b"[1,", "not valid JSON"),
     (b"{}", r"not a \[tag, fields...\] array"),
     (b"[99]", "unknown IPC message tag 99"),
     (b"[2,1]", "Ping has 1 fields, expected 2"),
@@ -243,3 +244,130 @@ async def test_an_urgent_message_is_written_before_the_sender_yields() -> None:
         assert await receiver.receive() == _ipc.JobStarted()
     await sender.aclose()
     await receiver.aclose()
+
+
+# -- whole frames under cancellation ---------------------------------------------------------
+
+#: Large enough to need dozens of writes through a small socket buffer.
+BIG = _ipc.LogRecord(name="x", level=20, msg="m" * 200_000, created=1.0)
+
+
+def _small_buffer_pair() -> tuple[_ipc.IpcChannel, trio.SocketStream]:
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sender = _ipc.IpcChannel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+    return sender, trio.SocketStream(trio.socket.from_stdlib_socket(theirs))
+
+
+def _messages_in(data: bytes) -> list[_ipc.Message]:
+    """Every message of a whole stream; raises ``RemoteProtocolError`` on any damage."""
+    decoder = FrameDecoder()
+    frames = decoder.feed(data)
+    decoder.eof()
+    return [_ipc.decode(frame) for frame in frames]
+
+
+async def _send_cancelled_after(steps: int, urgent: bool) -> tuple[list[_ipc.Message], bool]:
+    """Send BIG, cancelled once the reader has taken ``steps`` chunks (-1: before it starts),
+    then a small message. Returns what the reader decodes of the whole stream, and whether
+    the cancellation came too late to interrupt anything."""
+    sender, reader = _small_buffer_pair()
+    scope = trio.CancelScope()
+    received = bytearray()
+
+    async def send_then_more() -> None:
+        with scope:
+            await (sender.send_urgent if urgent else sender.send)(BIG)
+        await sender.send(_ipc.JobStarted())
+        await sender.aclose()
+
+    if steps < 0:
+        scope.cancel()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_then_more)
+        for _ in range(steps):
+            await trio.testing.wait_all_tasks_blocked()  # the sender waits for room
+            received += await reader.receive_some(4096)
+        await trio.testing.wait_all_tasks_blocked()
+        scope.cancel()
+        while data := await reader.receive_some(65536):
+            received += data
+    await reader.aclose()
+    return _messages_in(bytes(received)), not scope.cancelled_caught
+
+
+@pytest.mark.parametrize("urgent", [False, True], ids=["send", "send_urgent"])
+async def test_a_send_cancelled_at_any_checkpoint_leaves_whole_frames(urgent: bool) -> None:
+    # Cancelled before its first byte: nothing of the frame. After: all of it (the peer
+    # reads on). Never a part, which would turn the next frame into garbage.
+    first, too_late = await _send_cancelled_after(-1, urgent)
+    # send_urgent writes what the socket takes before it looks at the cancellation
+    assert first == ([BIG, _ipc.JobStarted()] if urgent else [_ipc.JobStarted()])
+    assert not too_late
+    steps = 0
+    while not too_late:
+        got, too_late = await _send_cancelled_after(steps, urgent)
+        assert got == [BIG, _ipc.JobStarted()], f"cancelled after {steps} reads"
+        steps += 1
+        assert steps < 1000
+    assert steps > 10  # the frame did take many writes: each was a cancellation point
+
+
+async def test_a_frame_the_peer_never_takes_breaks_the_channel_not_the_stream(
+        autojump_clock: trio.testing.MockClock) -> None:
+    # A hung peer: the rest of a cancelled frame cannot be written within the grace. The
+    # channel refuses to send more, and the peer sees a cut frame, never a wrong message.
+    sender, reader = _small_buffer_pair()
+    with trio.move_on_after(5) as scope:
+        await sender.send(BIG)
+    assert scope.cancelled_caught
+    with pytest.raises(RemoteProtocolError, match="did not take the rest of a frame"):
+        with trio.fail_after(60):  # mock clock: not a timing, a guard against hanging
+            await sender.send(_ipc.JobStarted())
+    received = bytearray()
+    while data := await reader.receive_some(65536):  # the write side was shut down: EOF
+        received += data
+    assert 0 < len(received) < len(encode_frame(_ipc.encode(BIG)))
+    with pytest.raises(RemoteProtocolError, match="ended inside a frame"):
+        _messages_in(bytes(received))
+    await sender.aclose()
+    await reader.aclose()
+
+
+async def test_concurrent_senders_with_cancellations_never_interleave() -> None:
+    # 40 senders of frames up to 18 KB share a channel whose socket takes 4 KB; the reader
+    # cancels one of them (waiting for its turn, or half-way through its frame) at each read.
+    sender, reader = _small_buffer_pair()
+    scopes = [trio.CancelScope() for _ in range(40)]
+    attempted: list[_ipc.Message] = []
+    completed: list[_ipc.Message] = []
+    received = bytearray()
+
+    async def one(i: int) -> None:
+        msg = _ipc.LogRecord(name=f"s{i}", level=20, msg=str(i) * (3000 * (i % 7)), created=1.0)
+        attempted.append(msg)
+        with scopes[i]:
+            await (sender.send_urgent if i % 2 else sender.send)(msg)
+            completed.append(msg)
+
+    async def read() -> None:
+        reads = 0
+        while data := await reader.receive_some(1000):
+            received.extend(data)
+            reads += 1
+            scopes[reads * 7 % len(scopes)].cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        async with trio.open_nursery() as senders:
+            for i in range(len(scopes)):
+                senders.start_soon(one, i)
+        await sender.aclose()
+    got = _messages_in(bytes(received))  # every frame whole
+    assert all(m in got for m in completed)  # every completed send arrived
+    assert all(m in attempted for m in got)
+    assert len(got) == len(set(map(repr, got)))  # and nothing twice
+    # (all 40 scopes are cancelled within the first 40 reads, 40 KB of ~360 KB)
+    assert len(got) < len(attempted)  # so some sends were cut short, before their first byte
+    await reader.aclose()

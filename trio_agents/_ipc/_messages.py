@@ -2,11 +2,15 @@
 
 Every message is a frozen attrs class registered in ``MESSAGES``. ``encode(msg)`` writes a
 JSON array ``[tag, field1, field2, ...]`` (fields in declaration order); ``decode`` checks the
-tag, the number of fields and the type of every field against the class's annotations, so a
-new field is carried without any hand-written read/write pair. Supported field types: ``str``,
-``int``, ``float``, ``bool``, ``bytes`` (base64), ``Mapping[str, str]``,
+tag, the number of fields and every field against the class's annotations (see ``_codec``:
+types, and the limits of ``Annotated`` ones), so a new field is carried without any
+hand-written read/write pair, and every message ``decode`` returns is well typed. Supported
+field types: ``str``, ``int``, ``float``, ``bool``, ``bytes`` (base64), ``Mapping[str, str]``,
 ``Mapping[str, JsonScalar]``, ``FunctionRef`` and ``X | None`` of those. The ``agent.Job``
 travels as protobuf bytes, times as float64 seconds.
+
+``decode`` raises ``RemoteProtocolError`` and nothing else, whatever the payload: a job
+process runs user code, and one bad frame must fail that process, never the server.
 
 Direction: P→C parent to child, C→P child to parent::
 
@@ -24,22 +28,38 @@ reports the status on ``JobEnding`` and the job waits (bounded) for ``JobEndingA
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-import types
 import typing
 from collections.abc import Mapping
-from typing import Final, Union, final
+from typing import Annotated, Final, Union, final
 
 import attrs
 from livekit.protocol import agent
 
-from .._errors import RemoteProtocolError
+from .._errors import LocalProtocolError, RemoteProtocolError
 from .._jobs import JobAcceptArguments, RunningJobInfo
 from .._loading import FunctionRef
+from ._codec import (
+    SECONDS,
+    TIMESTAMP,
+    DecodeError,
+    Entries,
+    Int,
+    Text,
+    from_json,
+    load_json,
+    log_record_key,
+    to_json,
+)
 
-JsonScalar = str | int | float | bool | None
+from ._codec import JsonScalar as JsonScalar
+
+SUCCESS: Final = "success"
+FAILED: Final = "failed"
+#: A name (logger, function, level, executor type): short.
+_NAME: Final = Text(max_len=1024)
+_PATH: Final = Text(max_len=4096)
+_COUNT: Final = Int(lo=0)
 
 
 @final
@@ -50,14 +70,14 @@ class InitializeRequest:
     entrypoint: FunctionRef
     setup: FunctionRef | None = None
     session_end: FunctionRef | None = None
-    executor_type: str = "process"
+    executor_type: Annotated[str, Text(choices=("process", "thread"))] = "process"
     http_proxy: str | None = None
     ws_url: str = ""
     api_key: str = ""
     api_secret: str = ""
-    log_level: str = "INFO"
-    session_end_timeout: float = 300.0
-    shutdown_callback_timeout: float = 10.0
+    log_level: Annotated[str, _NAME] = "INFO"
+    session_end_timeout: Annotated[float, SECONDS] = 300.0
+    shutdown_callback_timeout: Annotated[float, SECONDS] = 10.0
 
 
 @final
@@ -72,8 +92,8 @@ class InitializeResponse:
 @final
 @attrs.frozen(kw_only=True)
 class Ping:
-    seq: int
-    sent_at: float
+    seq: Annotated[int, _COUNT]
+    sent_at: Annotated[float, TIMESTAMP]
 
 
 @final
@@ -81,8 +101,8 @@ class Ping:
 class Pong:
     """Echoes the ping's ``seq`` and ``sent_at`` so the parent measures the round trip."""
 
-    seq: int
-    sent_at: float
+    seq: Annotated[int, _COUNT]
+    sent_at: Annotated[float, TIMESTAMP]
 
 
 @final
@@ -99,10 +119,10 @@ class StartJob:
     accept_identity: str
     accept_metadata: str
     accept_attributes: Mapping[str, str]
-    received_at: float
-    accepted_at: float
-    assigned_at: float
-    launched_at: float
+    received_at: Annotated[float, TIMESTAMP]
+    accepted_at: Annotated[float, TIMESTAMP]
+    assigned_at: Annotated[float, TIMESTAMP]
+    launched_at: Annotated[float, TIMESTAMP]
 
     @classmethod
     def from_info(cls, info: RunningJobInfo) -> StartJob:
@@ -147,27 +167,24 @@ class ShutdownRequest:
 class LogRecord:
     """A log record of the job process, already formatted (``msg`` has its args applied)."""
 
-    name: str
+    name: Annotated[str, _NAME]
     level: int
     msg: str
-    created: float
+    created: Annotated[float, TIMESTAMP]
     exc_text: str = ""
-    pathname: str = ""
-    lineno: int = 0
-    func_name: str = ""
-    fields: Mapping[str, JsonScalar] = attrs.field(factory=dict)
+    pathname: Annotated[str, _PATH] = ""
+    lineno: Annotated[int, _COUNT] = 0
+    func_name: Annotated[str, _NAME] = ""
+    fields: Annotated[Mapping[str, JsonScalar], Entries(key=log_record_key)] = attrs.field(
+        factory=dict)
     """``job_id``, ``room``, ``agent_name``, ``log_context_fields`` and JSON-able extras."""
-
-
-SUCCESS: Final = "success"
-FAILED: Final = "failed"
 
 
 @attrs.frozen(kw_only=True)
 class _JobEnd:
     """How the job ended. ``outcome`` is ``"success"`` or ``"failed"``."""
 
-    outcome: str
+    outcome: Annotated[str, Text(choices=(SUCCESS, FAILED))]
     error: str = ""
     user_initiated: bool = False
     reason: str = ""
@@ -200,26 +217,31 @@ Message = Union[
 MESSAGES: Final[tuple[type[Message], ...]] = typing.get_args(Message)
 _TAGS: Final = {cls: tag for tag, cls in enumerate(MESSAGES)}
 _FIELDS: Final = {
-    cls: [(f.name, typing.get_type_hints(cls)[f.name]) for f in attrs.fields(cls)]
+    cls: [(f.name, typing.get_type_hints(cls, include_extras=True)[f.name])
+          for f in attrs.fields(cls)]
     for cls in MESSAGES
 }
 
 
 def encode(msg: Message) -> bytes:
-    """One message → payload bytes (frame them with ``encode_frame``)."""
+    """One message → payload bytes (frame them with ``encode_frame``).
+
+    Raises ``LocalProtocolError`` for a value the peer would refuse (a bug of the sender).
+    """
     cls = type(msg)
     out: list[object] = [_TAGS[cls]]
-    out.extend(_to_json(getattr(msg, name)) for name, _ in _FIELDS[cls])
-    return json.dumps(out, separators=(",", ":"), allow_nan=True).encode()
+    for name, hint in _FIELDS[cls]:
+        try:
+            out.append(to_json(getattr(msg, name), hint))
+        except DecodeError as exc:
+            raise LocalProtocolError(f"cannot send IPC {cls.__name__}.{name}: {exc}") from exc
+    return json.dumps(out, separators=(",", ":"), allow_nan=False).encode()
 
 
 def decode(payload: bytes) -> Message:
-    """Payload bytes → message. Raises ``RemoteProtocolError`` naming what is wrong."""
-    try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RemoteProtocolError(f"IPC message is not valid JSON: {exc}", reconnect=False) from exc
-    if not isinstance(data, list) or not data or type(data[0]) is not int:
+    """Payload bytes → a well-typed message. Raises ``RemoteProtocolError``, and only that."""
+    data = load_json(payload)
+    if type(data) is not list or not data or type(data[0]) is not int:
         raise RemoteProtocolError("IPC message is not a [tag, fields...] array", reconnect=False)
     tag = data[0]
     if not 0 <= tag < len(MESSAGES):
@@ -234,70 +256,9 @@ def decode(payload: bytes) -> Message:
     kwargs: dict[str, object] = {}
     for (name, hint), value in zip(fields, data[1:], strict=True):
         try:
-            kwargs[name] = _from_json(value, hint)
-        except (TypeError, ValueError) as exc:
+            kwargs[name] = from_json(value, hint)
+        except DecodeError as exc:
             raise RemoteProtocolError(
                 f"IPC {cls.__name__}.{name}: {exc}", reconnect=False
             ) from exc
     return cls(**kwargs)  # type: ignore[arg-type]
-
-
-def _to_json(value: object) -> object:
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
-    if isinstance(value, FunctionRef):
-        return [value.module, value.qualname, value.path]
-    if isinstance(value, Mapping):
-        return dict(value)
-    return value
-
-
-_SCALARS: Final = (str, int, float, bool, type(None))
-
-
-def _from_json(value: object, hint: object) -> object:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _from_json(value, option)
-            except (TypeError, ValueError) as exc:
-                errors.append(str(exc))
-        raise TypeError("; ".join(errors))
-    if hint is float:
-        if type(value) not in (int, float):
-            raise TypeError(f"expected a number, got {type(value).__name__}")
-        return float(value)  # type: ignore[arg-type]
-    if hint in (str, int, bool):
-        if type(value) is not hint:
-            raise TypeError(f"expected {hint.__name__}, got {type(value).__name__}")
-        return value
-    if hint is bytes:
-        if not isinstance(value, str):
-            raise TypeError(f"expected base64 text, got {type(value).__name__}")
-        try:
-            return base64.b64decode(value, validate=True)
-        except binascii.Error as exc:
-            raise ValueError(f"bad base64: {exc}") from exc
-    if hint is FunctionRef:
-        if (not isinstance(value, list) or len(value) != 3
-                or not all(isinstance(v, str) for v in value)):
-            raise TypeError("expected [module, qualname, path]")
-        return FunctionRef(*value)
-    if origin is Mapping:
-        _, value_hint = typing.get_args(hint)
-        if not isinstance(value, dict):
-            raise TypeError(f"expected an object, got {type(value).__name__}")
-        for v in value.values():
-            if value_hint is str and not isinstance(v, str):
-                raise TypeError(f"expected string values, got {type(v).__name__}")
-            if not isinstance(v, _SCALARS):
-                raise TypeError(f"expected scalar values, got {type(v).__name__}")
-        return value
-    raise TypeError(f"the IPC codec has no rule for {hint!r}")  # a bug here, not in the peer
