@@ -62,8 +62,9 @@ async def main(room_name: str) -> None:
                         loud.append(samples)
                     elif loud:  # a burst just ended: when did it start, at what pitch?
                         data = np.concatenate(loud)
-                        spectrum = np.abs(np.fft.rfft(data))
-                        pitch = np.fft.rfftfreq(len(data), 1 / RATE)[int(np.argmax(spectrum))]
+                        # zero-padded to 1 s: 1 Hz bins (a 100 ms burst alone resolves 10 Hz)
+                        spectrum = np.abs(np.fft.rfft(data * np.hanning(len(data)), n=RATE))
+                        pitch = np.fft.rfftfreq(RATE, 1 / RATE)[int(np.argmax(spectrum))]
                         delay = (trio.current_time() - len(loud) / 100 - sent[-1]) * 1000
                         heard += 1
                         print(f"echo {heard}: {pitch:.0f} Hz, {delay:.0f} ms after it was sung",

@@ -39,12 +39,18 @@ def server_binary() -> Path | None:
     return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
-def _free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
+def _free_ports(address: str) -> tuple[int, int, int]:
+    """An HTTP and an RTC TCP port free on loopback and on ``address``, and a UDP port free
+    on ``address`` (livekit-server binds all three there)."""
+    socks = [socket.socket(socket.AF_INET, kind) for kind in
+             (socket.SOCK_STREAM, socket.SOCK_STREAM, socket.SOCK_DGRAM)]
     try:
         for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
+            s.bind((address, 0))
+        ports = [s.getsockname()[1] for s in socks]
+        with socket.socket() as loopback:
+            loopback.bind(("127.0.0.1", ports[0]))
+        return ports[0], ports[1], ports[2]
     finally:
         for s in socks:
             s.close()
@@ -70,33 +76,54 @@ class LiveKitServer:
 @asynccontextmanager
 async def open_livekit_server(node_ip: str, *, timeout: float = 15.0
                               ) -> AsyncIterator[LiveKitServer]:
+    """Start livekit-server, serving once its log says so; stopped and reaped on exit.
+
+    A port taken between our choice and its bind (by another socket of the test session) makes
+    it exit with "address already in use": it is then started again on other ports, twice
+    at most.
+    """
     binary = server_binary()
     if binary is None:
         raise RuntimeError(f"no livekit-server binary at {binary_path()} (set LIVEKIT_SERVER_BIN)")
-    http, tcp, udp = _free_ports(3)
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "livekit.yaml"
-        config.write_text(f"port: {http}\nrtc:\n  tcp_port: {tcp}\n  udp_port: {udp}\n")
-        process = await trio.lowlevel.open_process(
-            [str(binary), "--config", str(config), "--dev", "--bind", "127.0.0.1",
-             "--bind", node_ip, "--node-ip", node_ip],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        output = CliProcess(process)
-        try:
-            async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
+            for attempt in range(3):
+                http, tcp, udp = _free_ports(node_ip)
+                config.write_text(f"port: {http}\nrtc:\n  tcp_port: {tcp}\n  udp_port: {udp}\n")
+                process = await trio.lowlevel.open_process(
+                    [str(binary), "--config", str(config), "--dev", "--bind", "127.0.0.1",
+                     "--bind", node_ip, "--node-ip", node_ip],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                output = CliProcess(process)
                 nursery.start_soon(output._read)
-                with trio.fail_after(timeout):
-                    await output.wait_for("starting LiveKit server")
-                yield LiveKitServer(http, output)
-                nursery.cancel_scope.cancel()
-        finally:
-            with trio.CancelScope(shield=True):
-                if process.returncode is None:
-                    process.send_signal(signal.SIGTERM)
-                    with trio.move_on_after(5):
-                        await process.wait()
-                    if process.returncode is None:
-                        process.kill()
+                try:
+                    with trio.fail_after(timeout):
+                        await output.wait_for("starting LiveKit server")
+                except AssertionError:  # it exited before serving
+                    await _stop(process, output)
+                    if attempt == 2 or not any("address already in use" in line
+                                               for line in output.lines):
+                        raise
+                    continue
+                try:
+                    yield LiveKitServer(http, output)
+                finally:
+                    await _stop(process, output)
+                break
+
+
+async def _stop(process: trio.Process, output: CliProcess) -> None:
+    """SIGTERM, then SIGKILL after 5 s; reaped, its log read to the end, its pipe closed."""
+    with trio.CancelScope(shield=True):
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(5):
                 await process.wait()
-                assert process.stdout is not None
-                await process.stdout.aclose()
+            if process.returncode is None:
+                process.kill()
+        await process.wait()
+        with trio.move_on_after(5):
+            await output.wait_closed()
+        assert process.stdout is not None
+        await process.stdout.aclose()
