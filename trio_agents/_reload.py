@@ -3,13 +3,17 @@ server, so LiveKit state survives reloads); the agent server runs in a child pro
 restarted when a Python file changes.
 
 A reload drains the old server for a few seconds, then asks it to stop its jobs (a second,
-different signal), then kills it; its job processes die with it (they are bound to their
-parent), so nothing is orphaned. Jobs are not carried over: the new server takes new ones.
+different signal), then kills it; its job processes die with it (each watches its server's
+lifeline), so nothing is orphaned. Jobs are not carried over: the new server takes new ones.
+
+The child is started through ``_spawn`` (``_lifeline.py <fd> agent.py dev --no-reload``): it
+watches this process's lifeline from its first instruction and exits when this process ends,
+however it ends. It shares our process group (Ctrl-C in the terminal reaches it too), so its
+lifeline kills only itself; what it started watches its own lifeline in turn.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -22,6 +26,7 @@ import trio
 import watchfiles
 
 from ._server import AgentServer
+from ._spawn import Spawned, spawn
 
 if TYPE_CHECKING:
     from .devserver import DevServer
@@ -32,13 +37,7 @@ RELOAD_DRAIN: Final = 3.0
 STOP_GRACE: Final = 15.0
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    if sys.platform == "linux":
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-async def _stop(process: trio.Process) -> None:
+async def _stop(process: Spawned) -> None:
     """Drain briefly, then stop the jobs, then kill; every step bounded."""
     for signum, budget in ((signal.SIGTERM, RELOAD_DRAIN), (signal.SIGINT, STOP_GRACE)):
         if process.returncode is not None:
@@ -66,7 +65,7 @@ async def run_with_reload(server: AgentServer, script: str, embedded: bool) -> i
     from ._cli import log_embedded
 
     root = str(Path(script).resolve().parent)
-    base = [sys.executable, script, *sys.argv[1:], "--no-reload"]
+    base = [script, *sys.argv[1:], "--no-reload"]
     async with trio.open_nursery() as nursery:
         extra: list[str] = []
         dev: DevServer | None = None
@@ -82,9 +81,8 @@ async def run_with_reload(server: AgentServer, script: str, embedded: bool) -> i
         first = True
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             while True:
-                process = await trio.lowlevel.open_process(
-                    [*base, *extra], preexec_fn=_die_with_parent
-                )
+                process = await spawn([*base, *extra], what="the agent server",
+                                      new_session=False)
                 logger.info("started the agent server (pid %d); watching %s", process.pid, root)
                 if first and dev is not None:
                     nursery.start_soon(_demo, dev, server.options.agent_name)
