@@ -54,6 +54,8 @@ def find_marked(prefix: str) -> list[int]:
         entries = os.listdir("/proc")
     except FileNotFoundError:  # not Linux: only the process group is killed
         return []
+    except OSError:  # EMFILE: nothing can be swept now (the reaper sweeps at the very end)
+        return []
     for entry in entries:
         if not entry.isdigit() or int(entry) == me:
             continue

@@ -345,9 +345,12 @@ class Zygote:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the zygote, serve it, and return when it is gone (``SpawnError`` if it cannot
         start). Every pending fork fails at once when it ends."""
-        from ._spawn import spawn
+        from ._spawn import SpawnError, spawn
 
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            raise SpawnError(f"could not start the zygote: {exc}") from exc
         try:
             process = await spawn(["-m", "trio_agents._zygote", str(theirs.fileno()),
                                    *self._preload], what="the zygote",
@@ -362,6 +365,7 @@ class Zygote:
         self.pid = process.pid
         self.alive = True
         self.refused = None
+        logger.debug("the zygote is up (pid %d)", process.pid, extra={"pid": process.pid})
         try:
             task_status.started()
             await self._read()
