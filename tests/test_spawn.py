@@ -224,3 +224,18 @@ async def test_an_agent_script_without_main_guard_fails_its_job_in_one_line(
         with trio.fail_after(5):  # no launch holds the drain
             await cli.wait()
     assert not [pid for pid in psutil.Process().children(recursive=True) if alive(pid.pid)]
+
+
+async def test_the_zygote_refuses_to_fork_with_a_thread_and_names_its_module() -> None:
+    from agents import threaded_agent
+
+    config = make_config(entrypoint_fnc=threaded_agent.entrypoint)
+    with watching_logs() as logs:
+        async with running_supervisor(config) as (sup, reports):
+            record = await logs.wait_for("the zygote will not fork")
+            await sup.launch(job_info("cold", "ok"))
+            (handle,) = sup.job_processes
+            assert psutil.Process(handle.pid).ppid() == os.getpid()  # started cold
+            assert await reports.wait_final("cold") == (agent.JS_SUCCESS, "")
+    assert ("thread 'import-time-worker' (and 0 more) was started while importing "
+            "agents.threaded_agent") in record.getMessage()
