@@ -38,8 +38,6 @@ import logging
 import math
 import os
 import secrets
-import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Sequence
