@@ -122,10 +122,11 @@ class LogWatch(logging.Handler):
         return [r for r in self.records if text in r.getMessage()
                 and all(getattr(r, k, None) == v for k, v in fields.items())]
 
-    async def wait_for(self, text: str, **fields: object) -> logging.LogRecord:
-        while not (found := self.matching(text, **fields)):
+    async def wait_for(self, text: str, *, count: int = 1, **fields: object) -> logging.LogRecord:
+        """The ``count``-th record containing ``text`` (with those fields), once logged."""
+        while len(found := self.matching(text, **fields)) < count:
             await self._changed.wait()
-        return found[0]
+        return found[count - 1]
 
 
 @contextmanager

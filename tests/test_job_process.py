@@ -145,9 +145,9 @@ async def test_child_loop_answers_pings_before_a_job() -> None:
 
     ours, theirs = socket.socketpair()
     chan = _ipc.IpcChannel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
-    thread = ThreadRun()
+    thread = ThreadRun(theirs, _child.Functions(entrypoint=scripted.entrypoint))
     async with trio.open_nursery() as nursery:
-        await nursery.start(thread.run, theirs, _child.Functions(entrypoint=scripted.entrypoint))
+        await nursery.start(thread.run)
         await chan.send(_ipc.InitializeRequest(entrypoint=FunctionRef("", "")))
         assert await chan.receive() == _ipc.InitializeResponse()
         await chan.send(_ipc.Ping(seq=1, sent_at=2.5))

@@ -1,8 +1,9 @@
-"""The job process: ``python -m trio_agents._child <fd> <parent pid>``.
+"""The job process: ``_lifeline.py <lifeline fd> -m trio_agents._child <fd>`` (see ``_spawn``),
+or forked from the zygote.
 
 Life of a job process (the same loop runs on a thread for ``JobExecutorType.THREAD``)::
 
-    PR_SET_PDEATHSIG(SIGKILL); exit if our parent is not the server any more
+    (already watching the server's lifeline: its end kills this process group at once)
     receive InitializeRequest          (blocking socket: there is no event loop yet)
     load the user's functions, run setup_fnc(proc)
     send InitializeResponse            (error + traceback if loading or setup failed)
@@ -31,7 +32,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import socket
 import sys
 import threading
@@ -45,8 +45,8 @@ import trio
 from . import _ipc
 from ._context import JobContext, JobProcess, call_shutdown_callback, set_job_context
 from ._errors import RemoteProtocolError
+from ._loading import UnguardedScript
 from ._options import JobExecutorType
-from ._procutil import set_parent_death_signal
 
 logger = logging.getLogger("trio_agents.job")
 
@@ -285,7 +285,7 @@ class _Job:
             self.request_stop("server closed the job channel", False)
             self.done.set()
             return
-        # The server is gone (PDEATHSIG normally got here first): nobody is left to report to.
+        # The server is gone (its lifeline normally told us first): nobody is left to report to.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
@@ -437,10 +437,19 @@ def run(sock: socket.socket, *, functions: Functions | None = None) -> int:
     try:
         if functions is None:
             functions = _load(req)
+    except UnguardedScript as exc:  # one line says it all: no traceback
+        outbox.send_blocking(_ipc.InitializeResponse(error=str(exc)))
+        return 1
+    except BaseException as exc:  # SystemExit from user code included: report, then exit
+        outbox.send_blocking(_ipc.InitializeResponse(
+            error=f"loading the agent's functions failed: {_describe(exc)}",
+            traceback=traceback.format_exc()))
+        return 1
+    try:
         if functions.setup is not None:
             functions.setup(proc)
     except BaseException as exc:  # SystemExit from user code included: report, then exit
-        outbox.send_blocking(_ipc.InitializeResponse(error=_describe(exc),
+        outbox.send_blocking(_ipc.InitializeResponse(error=f"setup_fnc failed: {_describe(exc)}",
                                                      traceback=traceback.format_exc()))
         return 1
     outbox.send_blocking(_ipc.InitializeResponse())
@@ -451,10 +460,7 @@ def run(sock: socket.socket, *, functions: Functions | None = None) -> int:
 
 
 def main(argv: list[str]) -> None:
-    fd, parent = int(argv[1]), int(argv[2])
-    set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != parent:  # the server died before PDEATHSIG was armed
-        os._exit(1)
+    fd = int(argv[1])
     os.set_inheritable(fd, False)  # grandchildren must not hold the server's channel open
     sock = socket.socket(fileno=fd)
     code = 1

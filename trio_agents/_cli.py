@@ -79,6 +79,9 @@ def _parser(prog: str, *, with_target: bool) -> argparse.ArgumentParser:
 
 def run_app(server: AgentServer | ServerOptions, argv: Sequence[str] | None = None) -> None:
     """Run ``server`` as the command line says (``python agent.py start``); exits the process."""
+    from ._loading import refuse_while_importing
+
+    refuse_while_importing("cli.run_app()")  # in a job process: the script has no __main__ guard
     if isinstance(server, ServerOptions):
         server = AgentServer.from_server_options(server)
     args = _parser(Path(sys.argv[0]).name, with_target=False).parse_args(argv)

@@ -27,6 +27,23 @@ from ._errors import ConfigError
 #: Module name under which a script run as ``__main__`` is loaded in a job process.
 MAIN_ALIAS: Final = "__trio_agents_main__"
 
+_importing: list[str] = []
+"""The user's scripts/modules being imported right now to find its functions (job process,
+zygote): starting a server then means the script has no ``__main__`` guard."""
+
+
+class UnguardedScript(ConfigError):
+    """The user's script starts the agent server when it is imported (no ``__main__`` guard)."""
+
+
+def refuse_while_importing(call: str) -> None:
+    """Called first by ``cli.run_app``: ``UnguardedScript`` if a job process or the zygote is
+    importing the user's code (which must not start a server there)."""
+    if _importing:
+        raise UnguardedScript(
+            f"{_importing[-1]} calls {call} when it is imported (a job process imports it to "
+            f"find the entrypoint); put that call under `if __name__ == \"__main__\":`")
+
 
 @final
 @attrs.frozen
@@ -77,7 +94,11 @@ class FunctionRef:
         if self.path:
             module = sys.modules.get(MAIN_ALIAS) or _load_script(self.path)
         else:
-            module = importlib.import_module(self.module)
+            _importing.append(self.module)
+            try:
+                module = importlib.import_module(self.module)
+            finally:
+                _importing.pop()
         return self._resolve(module)
 
     def _resolve(self, module: ModuleType) -> Callable[..., object]:
@@ -98,9 +119,12 @@ def _load_script(path: str) -> ModuleType:
         raise ImportError(f"cannot load {path} as a module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[MAIN_ALIAS] = module
+    _importing.append(path)
     try:
         spec.loader.exec_module(module)
     except BaseException:
         del sys.modules[MAIN_ALIAS]
         raise
+    finally:
+        _importing.pop()
     return module

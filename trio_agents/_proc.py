@@ -5,8 +5,10 @@ Theory of operation
 The whole life of a job process is one call, ``JobProcessHandle.run()``, one task in the
 supervisor's nursery::
 
-    spawn         python -m trio_agents._child, own session (= own process group), one end of
-                  a socketpair, TRIO_AGENTS_TREE=<marker> in its environment
+    spawn         through ``_spawn`` (bound to the server's lifeline, see there): forked by the
+                  zygote, or cold (``-m trio_agents._child``) if the zygote is off or cannot
+                  fork; own session (= own process group), one end of a socketpair,
+                  TRIO_AGENTS_TREE=<marker> in its environment. Any OSError → SpawnError
     ├── reader    every message of the child: InitializeResponse, Pong, JobStarted, LogRecord
     │             (re-emitted into our logging), JobEnding, JobFinished
     │             JobEnding (the job is about to leave its room): report its status now,
@@ -50,12 +52,13 @@ from . import _ipc
 from ._errors import InitializeTimeout, JobProcessError, RemoteProtocolError
 from ._jobs import RunningJobInfo, StatusReport, job_fields
 from ._options import RunConfig, job_environment
-from ._procutil import MARKER_ENV, kill_group, kill_marked
-from ._zygote import ForkedProcess, Zygote
+from ._procutil import MARKER_ENV, kill_marked
+from ._spawn import Spawned, SpawnError, spawn
+from ._thread_executor import ThreadRun
+from ._zygote import ForkedProcess, Zygote, ZygoteUnavailable
 
 if TYPE_CHECKING:
     from ._child import Functions
-    from ._thread_executor import ThreadRun
 
 logger = logging.getLogger("trio_agents.supervisor")
 
@@ -103,7 +106,7 @@ class JobProcessHandle:
         self.spawned_at = 0.0
         self.ready_at = 0.0
         self.initialize_sent_at = 0.0
-        self._process: trio.Process | ThreadRun | ForkedProcess | None = None
+        self._process: Spawned | ThreadRun | ForkedProcess | None = None
         self._chan: _ipc.IpcChannel | None = None
         self._life = trio.CancelScope()
         self._pong_scope = trio.CancelScope()
@@ -168,9 +171,11 @@ class JobProcessHandle:
 
         Raises ``JobProcessError`` (``InitializeTimeout``) only before ``started``.
         """
+        await self._spawn()  # SpawnError: nothing was started
         async with trio.open_nursery() as host:  # hosts the job thread (thread executor only)
-            await self._spawn(host)
             try:
+                if isinstance(self._process, ThreadRun):
+                    await host.start(self._process.run)
                 with self._life:
                     await self._live(task_status)
             finally:
@@ -184,34 +189,34 @@ class JobProcessHandle:
         if self._init_error is not None:
             raise self._init_error
 
-    async def _spawn(self, host: trio.Nursery) -> None:
-        ours, theirs = socket.socketpair()
-        self.spawned_at = trio.current_time()
-        if self._functions is not None:
-            from ._thread_executor import ThreadRun
-
-            thread = self._process = ThreadRun()
-            await host.start(thread.run, theirs, self._functions)
-            self.pid = thread.pid
-            self._chan = _ipc.IpcChannel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
-            return
-        argv = [sys.executable, "-m", "trio_agents._child", str(theirs.fileno()), str(os.getpid())]
+    async def _spawn(self) -> None:
         try:
-            if self._zygote is not None and self._zygote.alive:
-                # forked from the pre-imported template: tens of ms instead of a cold start
-                self._process = await self._zygote.fork(theirs.fileno(), self.marker)
-            else:
-                self._process = await trio.lowlevel.open_process(
-                    argv, pass_fds=(theirs.fileno(),), start_new_session=True,
-                    env=child_environment(self.marker, self._config),
-                )
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
+            ours, theirs = socket.socketpair()
+        except OSError as exc:
+            raise SpawnError(f"could not start a job process: {exc}") from exc
+        self.spawned_at = trio.current_time()
+        if self._functions is not None:  # the thread is started in run's nursery
+            self._process = ThreadRun(theirs, self._functions)
+        else:
+            try:
+                self._process = await self._start(theirs.fileno())
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
         self.pid = self._process.pid
         self._chan = _ipc.IpcChannel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+
+    async def _start(self, fd: int) -> Spawned | ForkedProcess:
+        if self._zygote is not None and self._zygote.alive:
+            # forked from the pre-imported template: tens of ms instead of a cold start
+            try:
+                return await self._zygote.fork(fd, self.marker)
+            except ZygoteUnavailable as exc:
+                logger.debug("starting a job process cold: %s", exc)
+        return await spawn(["-m", "trio_agents._child", str(fd)], what="a job process",
+                           pass_fds=(fd,), env=child_environment(self.marker, self._config))
 
     async def _live(self, task_status: trio.TaskStatus[JobProcessHandle]) -> None:
         assert self._process is not None and self._chan is not None
@@ -233,8 +238,9 @@ class JobProcessHandle:
                         f"initialize_process_timeout ({timeout:g} s)"
                     )
                 elif response is not None:
-                    self._init_error = JobProcessError(f"setup_fnc failed: {response.error}")
-                    self._init_error.add_note(response.traceback)
+                    self._init_error = JobProcessError(response.error)
+                    if response.traceback:
+                        self._init_error.add_note(response.traceback)
                 else:
                     with trio.move_on_after(DRAIN_TIMEOUT):
                         await self._process.wait()
@@ -409,8 +415,9 @@ class JobProcessHandle:
         self._report_outcome(process.returncode)
 
     def _signal(self, sig: int) -> None:
-        if self._functions is None:  # never signal our own group from a thread job
-            kill_group(self.pid, sig)
+        process = self._process
+        if process is not None and not isinstance(process, ThreadRun):  # never our own group
+            process.signal_group(sig)
 
     async def _send_quietly(self, msg: _ipc.Message) -> None:
         assert self._chan is not None
@@ -420,7 +427,7 @@ class JobProcessHandle:
             except RemoteProtocolError:
                 pass
 
-    async def _wait_reading(self, process: trio.Process | ThreadRun | ForkedProcess) -> None:
+    async def _wait_reading(self, process: Spawned | ThreadRun | ForkedProcess) -> None:
         async with trio.open_nursery() as nursery:
             if not self._eof and self._kill_reason is None:
                 nursery.start_soon(self._read_loop)

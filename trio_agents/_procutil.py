@@ -12,7 +12,7 @@ If the server itself is SIGKILLed nobody runs that cleanup, so the supervisor al
 tiny *reaper* per server (this file run as a script, so it imports nothing but the standard
 library): it blocks reading a pipe from the server and, when the pipe reports EOF (the server
 exited, however it died), kills every process carrying the server's marker and exits. Job
-processes themselves also die at once through ``PR_SET_PDEATHSIG``.
+processes themselves also die at once: each watches the server's lifeline (see ``_spawn``).
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ def find_marked(prefix: str) -> list[int]:
     try:
         entries = os.listdir("/proc")
     except FileNotFoundError:  # not Linux: only the process group is killed
+        return []
+    except OSError:  # EMFILE: nothing can be swept now (the reaper sweeps at the very end)
         return []
     for entry in entries:
         if not entry.isdigit() or int(entry) == me:

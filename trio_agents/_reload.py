@@ -4,15 +4,19 @@ restarted when a Python file changes.
 
 A reload stops the old server (SIGTERM: a ``dev`` server stops at once, its jobs through the
 shutdown escalation), and kills it if it outlives that escalation; its job processes die with
-it (they are bound to their parent), so nothing is orphaned. Jobs are not carried over: the
-new server takes new ones. A server that dies by itself (a syntax or import error saved
+it (each watches its server's lifeline), so nothing is orphaned. Jobs are not carried over:
+the new server takes new ones. A server that dies by itself (a syntax or import error saved
 mid-edit) is started again at the next change; the watcher, and the embedded dev server with
 its rooms, live in this process and never stop for it.
+
+The child is started through ``_spawn`` (``_lifeline.py <fd> agent.py dev --no-reload``): it
+watches this process's lifeline from its first instruction and exits when this process ends,
+however it ends. It shares our process group (Ctrl-C in the terminal reaches it too), so its
+lifeline kills only itself; what it started watches its own lifeline in turn.
 """
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import logging
 import os
@@ -26,6 +30,7 @@ import trio
 import watchfiles
 
 from ._server import AgentServer
+from ._spawn import Spawned, spawn
 
 if TYPE_CHECKING:
     from .devserver import DevServer
@@ -36,13 +41,7 @@ logger = logging.getLogger("trio_agents")
 STOP_MARGIN: Final = 5.0
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    if sys.platform == "linux":
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-async def _stop(process: trio.Process, budget: float) -> None:
+async def _stop(process: Spawned, budget: float) -> None:
     """SIGTERM (a ``dev`` server stops at once, its jobs through the shutdown escalation),
     then SIGKILL if it is still there after ``budget``."""
     if process.returncode is None:
@@ -72,7 +71,7 @@ class _Outcome(enum.Enum):
     EXITED = "exited by itself"
 
 
-async def _serve_once(process: trio.Process, changes: trio.MemoryReceiveChannel[set[str]],
+async def _serve_once(process: Spawned, changes: trio.MemoryReceiveChannel[set[str]],
                       signals: AsyncIterator[int], stop_budget: float) -> _Outcome:
     """Until ``process`` ends: stop it on a change, pass a signal on; say which it was."""
     outcome = _Outcome.EXITED
@@ -136,7 +135,7 @@ async def run_with_reload(server: AgentServer, script: str, embedded: bool) -> i
     from ._proc import TERM_GRACE
 
     root = str(Path(script).resolve().parent)
-    base = [sys.executable, script, *sys.argv[1:], "--no-reload"]
+    base = [script, *sys.argv[1:], "--no-reload"]
     stop_budget = server.options.shutdown_process_timeout + TERM_GRACE + STOP_MARGIN
     async with trio.open_nursery() as nursery:
         extra: list[str] = []
@@ -152,9 +151,8 @@ async def run_with_reload(server: AgentServer, script: str, embedded: bool) -> i
         first = True
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             while True:
-                process = await trio.lowlevel.open_process(
-                    [*base, *extra], preexec_fn=_die_with_parent
-                )
+                process = await spawn([*base, *extra], what="the agent server",
+                                      new_session=False)
                 logger.info("started the agent server (pid %d); watching %s", process.pid, root)
                 if first and dev is not None:
                     nursery.start_soon(_demo, dev, server.options.agent_name)

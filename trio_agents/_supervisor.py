@@ -6,9 +6,16 @@ Theory of operation
 
     ProcessSupervisor.run(*, task_status)     started() at once; returns when every child is reaped
     ├── reaper           one tiny process per server: kills every marked process if we die
+    ├── zygote keeper    (shielded; stopped after the last job process) runs the zygote and
+    │                    restarts it with backoff when it dies; forks fail fast meanwhile and
+    │                    job processes start cold; a zygote that refuses to fork is not retried
     ├── pool keeper      keeps num_idle_processes initialized; woken by events, not a poll loop
     ├── job process      JobProcessHandle.run: one task per process, idle or busy (see _proc)
     └── ...
+
+Every process is started through ``_spawn`` (lifeline, ``SpawnError``); see its process tree.
+A spawn that fails (``EMFILE``, ``EAGAIN``, ...) fails that one job or idle slot and backs off
+like a failed setup; it never reaches this nursery.
 
 A process is *idle* once its ``setup_fnc`` ran (``nursery.start`` returned it). ``launch(info)``
 takes an idle process, or starts one on demand, hands it the job and returns once the child
@@ -31,8 +38,6 @@ import logging
 import math
 import os
 import secrets
-import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -49,6 +54,7 @@ from ._jobs import RunningJobInfo, StatusReport, job_fields
 from ._loading import FunctionRef
 from ._options import JobExecutorType, RunConfig
 from ._proc import JobProcessHandle, NotHandedOver, State, child_environment
+from ._spawn import Spawned, SpawnError, spawn
 from ._zygote import ZYGOTE_SINGLE_THREADED
 from ._zygote import Zygote
 
@@ -62,6 +68,8 @@ LAUNCH_ATTEMPTS: Final = 3
 #: First and largest delay before restarting a job process whose setup failed.
 SETUP_RETRY_FIRST: Final = 0.5
 SETUP_RETRY_MAX: Final = 60.0
+#: A zygote that ran this long before it died restarts after the first delay again.
+ZYGOTE_STABLE: Final = 60.0
 
 
 def setup_retry_delay(failures: int) -> float:
@@ -281,7 +289,7 @@ class ProcessSupervisor:
     async def _spawn_idle(self) -> None:
         try:
             handle = await self._start_process()
-        except JobProcessError as exc:
+        except JobProcessError as exc:  # SpawnError (EMFILE, EAGAIN...) included
             self._note_failure(exc)
             return
         finally:
@@ -306,11 +314,29 @@ class ProcessSupervisor:
 
     async def _run_zygote(self, scope: trio.CancelScope, *,
                           task_status: trio.TaskStatus[None]) -> None:
-        assert self._zygote is not None
+        """Run the zygote; restart it with backoff when it dies (not when it refuses)."""
+        zygote = self._zygote
+        assert zygote is not None
+        failures = 0
         with scope:
-            await self._zygote.run(task_status=task_status)
-        if not scope.cancel_called:
-            logger.warning("the zygote exited; starting job processes cold from now on")
+            while True:
+                started = trio.current_time()
+                try:
+                    await zygote.run(task_status=task_status)
+                except SpawnError as exc:
+                    reason = str(exc)
+                    task_status.started()  # the first job processes start cold, then
+                else:
+                    reason = "it exited"
+                task_status = trio.TASK_STATUS_IGNORED
+                if zygote.refused is not None:
+                    logger.warning("the zygote will not fork: %s", zygote.refused)
+                    return
+                failures = 1 if trio.current_time() - started > ZYGOTE_STABLE else failures + 1
+                delay = setup_retry_delay(failures)
+                logger.warning("the zygote is gone (%s); job processes start cold until it is "
+                               "restarted in %.1f s", reason, delay)
+                await trio.sleep(delay)
 
     def _make_handle(self, marker: str) -> JobProcessHandle:
         functions = None
@@ -354,14 +380,18 @@ class ProcessSupervisor:
 
     # -- the reaper ---------------------------------------------------------------------------
 
-    async def _start_reaper(self) -> trio.Process:
+    async def _start_reaper(self) -> Spawned | None:
         env = {k: v for k, v in os.environ.items() if k != _procutil.MARKER_ENV}
-        return await trio.lowlevel.open_process(
-            [sys.executable, "-I", _procutil.__file__, f"{self._token}/"],
-            stdin=-1, start_new_session=True, env=env,  # -1 = subprocess.PIPE
-        )
+        try:
+            # Not bound to the lifeline: it must outlive us to sweep. Its stdin is its own.
+            return await spawn(["-I", _procutil.__file__, f"{self._token}/"], what="the reaper",
+                               stdin=-1, env=env, with_lifeline=False)  # -1 = subprocess.PIPE
+        except SpawnError as exc:
+            logger.warning("%s; processes left by a job of a server that is SIGKILLed will not "
+                           "be swept", exc)
+            return None
 
-    async def _stop_reaper(self, reaper: trio.Process) -> None:
+    async def _stop_reaper(self, reaper: Spawned) -> None:
         # Closing its pipe is the same EOF it would see if we died: it sweeps (finding
         # nothing, every process was reaped) and exits.
         if reaper.stdin is not None:
@@ -369,7 +399,7 @@ class ProcessSupervisor:
         with trio.move_on_after(5):
             await reaper.wait()
         if reaper.returncode is None:
-            reaper.send_signal(signal.SIGKILL)
+            reaper.kill()
             await reaper.wait()
 
 

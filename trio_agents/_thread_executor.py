@@ -33,26 +33,32 @@ _JOB_THREADS = trio.CapacityLimiter(math.inf)
 class ThreadRun:
     """Looks like the parts of ``trio.Process`` the supervisor uses; ``kill()`` abandons."""
 
-    def __init__(self) -> None:
+    def __init__(self, sock: socket.socket, functions: _child.Functions) -> None:
         self.pid = os.getpid()
         self.returncode: int | None = None
+        self._sock = sock
+        self._functions = functions
         self._done = trio.Event()
         self._scope = trio.CancelScope()
+        self._started = False
 
-    async def run(self, sock: socket.socket, functions: _child.Functions, *,
-                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._started = True
         task_status.started()
         try:
             with self._scope:
                 self.returncode = await trio.to_thread.run_sync(
-                    partial(_child.run, sock, functions=functions),
+                    partial(_child.run, self._sock, functions=self._functions),
                     abandon_on_cancel=True, limiter=_JOB_THREADS,
                 )
         finally:
-            if self.returncode is None:
-                self.returncode = -signal.SIGKILL  # abandoned: reported like a killed process
-            sock.close()  # an abandoned job thread then sees its channel closed
-            self._done.set()
+            self._end()
+
+    def _end(self) -> None:
+        if self.returncode is None:
+            self.returncode = -signal.SIGKILL  # abandoned: reported like a killed process
+        self._sock.close()  # an abandoned job thread then sees its channel closed
+        self._done.set()
 
     async def wait(self) -> int:
         await self._done.wait()
@@ -60,4 +66,7 @@ class ThreadRun:
         return self.returncode
 
     def kill(self) -> None:
-        self._scope.cancel()
+        if self._started:
+            self._scope.cancel()
+        else:  # never ran (cancelled before its start): nothing to abandon
+            self._end()
