@@ -93,10 +93,24 @@ DRAIN_TIMEOUT: Final = 12.0
 # -- the mix -----------------------------------------------------------------------------------
 WEIGHTS: Final = {"normal": 30, "long": 7, "grandchild": 8, "raise": 8, "exit": 8,
                   "segfault": 7, "memory": 5, "hang": 6, "hang_sync": 4}
-#: The status our outcome rules give each kind when nothing else happens to it. Hangs depend on
-#: who ended them: see ``expected``.
-EXPECTED: Final = {"normal": SUCCESS, "long": SUCCESS, "grandchild": SUCCESS, "raise": FAILED,
-                   "exit": FAILED, "segfault": FAILED, "memory": FAILED}
+#: The status and error (a regular expression; {arg}: the job's argument) that our outcome
+#: rules (``_proc.outcome``) give each kind when nothing else happens to it. Hangs depend on
+#: who ended them: see ``Soak.expected``.
+EXPECTED: Final = {
+    "normal": (SUCCESS, "^$"), "long": (SUCCESS, "^$"), "grandchild": (SUCCESS, "^$"),
+    "raise": (FAILED, "^RuntimeError: soak: this job raises on purpose$"),
+    "exit": (FAILED, "^exit code {arg}$"),
+    "segfault": (FAILED, "^killed by signal SIGSEGV$"),
+    "memory": (FAILED, f"^killed: memory limit {MEMORY_LIMIT_MB} MB exceeded"),
+    # LiveKit's JobTermination: the entrypoint is cancelled, the job ends well
+    "hang terminated": (SUCCESS, "^$"),
+    # ... but this one blocks its event loop: the escalation (SIGTERM) ends it
+    "hang_sync terminated": (FAILED, "^did not stop within .* killed by signal SIGTERM$"),
+    # the drain's budget ran out: interrupted by the server (SIGTERM too if it blocks)
+    "hang drained": (FAILED, "^stopped before it finished: the agent server shut down$"),
+    "hang_sync drained": (FAILED, "^stopped before it finished: the agent server shut down; "
+                                  "did not stop within"),
+}
 MAX_RUNNING: Final = 6  # jobs at once (the agent's /worker active_jobs), on a shared 2-core box
 MEAN_GAP: Final = 1.2  # seconds between dispatches, exponential
 HEALTH_POLL: Final = 0.5
@@ -759,12 +773,13 @@ class Soak:
 
     # -- checks -----------------------------------------------------------------------------------
 
-    def expected(self, job: Job, terminated: set[str]) -> str:
-        if job.kind == "hang":
-            return SUCCESS if job.id in terminated else FAILED  # else: interrupted by the drain
-        if job.kind == "hang_sync":
-            return FAILED  # terminated: the escalation; or interrupted by the drain
-        return EXPECTED[job.kind]
+    def expected(self, job: Job, terminated: set[str]) -> tuple[str, str]:
+        """The status and error pattern this job must end with."""
+        if job.kind in ("hang", "hang_sync"):
+            how = "terminated" if job.id in terminated else "drained"
+            return EXPECTED[f"{job.kind} {how}"]
+        status, pattern = EXPECTED[job.kind]
+        return status, pattern.format(arg=re.escape(job.arg))
 
     def check(self) -> Report:
         report = Report()
@@ -793,12 +808,13 @@ class Soak:
             if len(finals) > 1:
                 duplicated.append(f"job {job.id} ({job.kind}): "
                                   f"{[agent_pb.JobStatus.Name(s.status) for s in finals]}")
-            got, want = agent_pb.JobStatus.Name(finals[0].status), self.expected(job, terminated)
-            if got != want:
+            got, error = agent_pb.JobStatus.Name(finals[0].status), finals[0].error
+            want, pattern = self.expected(job, terminated)
+            if got != want or not re.search(pattern, error):
                 wrong.append(f"job {job.id} ({job.kind}:{job.arg}"
                              f"{', SIGSTOPped' if job.stopped else ''}) got {got} "
-                             f"{finals[0].error!r} at {finals[0].t - self.t0:.1f} s; expected "
-                             f"{want}")
+                             f"{error!r} at {finals[0].t - self.t0:.1f} s; expected {want} "
+                             f"/{pattern}/")
         report.check(not lost, f"{len(lost)} job(s) never got a final status")
         report.check(not duplicated, f"{len(duplicated)} job(s) got more than one final status")
         report.check(not wrong, f"{len(wrong)} job(s) got the wrong final status")
