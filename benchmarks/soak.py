@@ -868,7 +868,7 @@ class Soak:
             jobs_not_created=self.not_created, offers_not_taken=len(self.not_taken),
             faults=dict(self.faults), statuses_lost=len(lost), statuses_duplicated=len(duplicated),
             wrong_statuses=len(wrong), never_running=len(self.never_running), orphans=len(orphans),
-            grandchildren_leaked=len(leaks),
+            grandchildren_leaked=len(leaks), grandchildren_watched=len(self.grandchildren_left),
             rss_start_mib=self.baseline.rss / 2**20 if self.baseline else math.nan,
             rss_end_mib=self.end_point.rss / 2**20 if self.end_point else math.nan,
             rss_drift_mib=rss_drift,
@@ -919,7 +919,7 @@ def summary(report: Report) -> str:
         ("wrong statuses", f"{f['wrong_statuses']}"),
         ("jobs never reported running", f"{f['never_running']}"),
         ("orphans after exit / grandchildren leaked", f"{f['orphans']} / "
-         f"{f['grandchildren_leaked']}"),
+         f"{f['grandchildren_leaked']} (of {f['grandchildren_watched']} watched)"),
         ("RSS start / end / drift (MiB)", f"{f['rss_start_mib']:.1f} / {f['rss_end_mib']:.1f} / "
          f"{f['rss_drift_mib']:+.1f} (bound < {RSS_DRIFT_MIB:g}; max {f['rss_max_mib']:.1f})"),
         ("fds start / end", f"{f['fd_start']} / {f['fd_end']} (bound +{FD_DRIFT})"),
