@@ -269,6 +269,7 @@ class Sample:
     fds: int
     processes: int
     zygote: int
+    pids: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -347,7 +348,8 @@ def sample_tree(pid: int) -> Sample | None:
                 zygote = child.pid
         except psutil.Error:
             continue
-    return Sample(time.monotonic(), rss, fds, 1 + len(children), zygote)
+    return Sample(time.monotonic(), rss, fds, 1 + len(children), zygote,
+                  frozenset(c.pid for c in children))
 
 
 # -- the soak -------------------------------------------------------------------------------
@@ -634,7 +636,8 @@ class Soak:
                 for i, kind in enumerate(planned)]
 
     async def idle_point(self) -> Sample | None:
-        """No job running, the idle pool full, the tree unchanged for 2 s: sample the main."""
+        """No job running and the same processes in the tree for 2 s (the idle pool refilled):
+        the main process's RSS and fds, medians of those 2 s."""
         assert self.process is not None
         with trio.move_on_after(90):
             while self.active_jobs() or not self.probes or self.probes[-1].active_jobs != 0:
@@ -645,11 +648,10 @@ class Soak:
                 sample = await trio.to_thread.run_sync(sample_tree, self.process.pid)
                 if sample is None:
                     return None
-                expected = 1 + 1 + IDLE + (1 if sample.zygote else 0)  # main, reaper, pool
-                if stable and (sample.processes != stable[-1].processes
-                               or sample.processes != expected):
-                    stable = []
-                stable.append(sample)
+                if stable and sample.pids == stable[-1].pids:
+                    stable.append(sample)
+                else:
+                    stable = [sample]
                 if len(stable) >= 5:
                     break
                 await trio.sleep(0.5)
@@ -705,8 +707,10 @@ class Soak:
             await trio.sleep(self.rng.expovariate(1 / MEAN_GAP))
         await self.terminate_due(all_pending=True)
         self.baseline = await self.idle_point()
-        print(f"soak: baseline at {time.monotonic() - self.t0:.0f} s: {self.baseline}",
-              flush=True)
+        if self.baseline is not None:
+            print(f"soak: baseline at {time.monotonic() - self.t0:.0f} s: RSS "
+                  f"{self.baseline.rss / 2**20:.1f} MiB, {self.baseline.fds} fds, "
+                  f"{self.baseline.processes} processes", flush=True)
 
         start = time.monotonic()
         plan = self.plan_faults(main_phase)
