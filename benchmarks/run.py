@@ -1,6 +1,7 @@
 """trio_agents vs livekit-agents, on the same dev server, in the same run.
 
     .venv/bin/python benchmarks/run.py [--quick] [--repeats N] [--interop-only] [--no-chart]
+    .venv/bin/python benchmarks/run.py --only exit [--repeats N]   # the exit rows alone
 
 Creates benchmarks/.venv-peer with livekit-agents 1.8.x from PyPI if it is missing, starts
 trio_agents' dev server on loopback inside this process, checks that the peer's own worker
@@ -285,8 +286,10 @@ async def run_defaults(name: str, dev: DevServer) -> dict[str, Any]:
     async with agent_process(name, dev, no_load=False) as agent:
         registered = await wait_registered(dev, known, agent)
         await settle(agent)
-        return {"cold_start_s": registered - t_spawn, "idle_tree_pss_mb": tree_pss_mb(agent),
-                "idle_processes": len(agent.tree()), "idle_pss": pss_breakdown(agent)}
+        result = {"cold_start_s": registered - t_spawn, "idle_tree_pss_mb": tree_pss_mb(agent),
+                  "idle_processes": len(agent.tree()), "idle_pss": pss_breakdown(agent)}
+        result.update(await idle_exit(agent))
+        return result
 
 
 async def sequential(agent: Agent, dev: DevServer, prefix: str, count: int) -> dict[str, Any]:
@@ -374,20 +377,60 @@ async def run_loaded(name: str, dev: DevServer, *, sequential_jobs: int,
         result["termination_s"] = time.monotonic() - t_term
         await settle(agent)
 
-        rooms = [f"{prefix}-drain-{n}" for n in range(DRAINING)]
-        jobs = await dispatch_all(dev, rooms, "sleep:3")
-        await agent.wait_events(lambda ev: all(event_time(ev, j.job.id) for j in jobs))
-        t_sigterm = time.monotonic()
-        agent.process.send_signal(signal.SIGTERM)
-        with trio.fail_after(120):
-            await agent.process.wait()
-        t_exit = time.monotonic()
-        events = agent.read_events()
-        finished = [t for j in jobs if (t := event_time(events, j.job.id, "finished"))]
-        result["drain_exit_s"] = t_exit - t_sigterm
-        result["drain_finished"] = len(finished)
-        result["drain_after_last_job_s"] = t_exit - max(finished, default=t_sigterm)
-        result["drain_exit_code"] = agent.process.returncode
+        result.update(await drain_exit(agent, dev, prefix))
+    return result
+
+
+async def sigterm_and_wait(agent: Agent) -> tuple[float, float, int]:
+    """SIGTERM to the agent's main process (not its group, as a container runtime does);
+    the moments it was sent and the process exited (pidfd-driven wait), and how many other
+    processes of its tree were still alive 1 s after it exited."""
+    tree = agent.tree()[1:]
+    t_sigterm = time.monotonic()
+    agent.process.send_signal(signal.SIGTERM)
+    with trio.fail_after(120):
+        await agent.process.wait()
+    t_exit = time.monotonic()
+    _, alive = await trio.to_thread.run_sync(lambda: psutil.wait_procs(tree, timeout=1))
+    return t_sigterm, t_exit, len(alive)
+
+
+async def idle_exit(agent: Agent) -> dict[str, Any]:
+    """A registered, settled agent with no job: SIGTERM → process gone."""
+    t_sigterm, t_exit, left = await sigterm_and_wait(agent)
+    return {"idle_exit_s": t_exit - t_sigterm, "idle_exit_code": agent.process.returncode,
+            "idle_exit_left": left}
+
+
+async def drain_exit(agent: Agent, dev: DevServer, prefix: str) -> dict[str, Any]:
+    """DRAINING jobs sleeping 3 s, SIGTERM once all run: SIGTERM → exit, and the last final
+    status (its arrival at the dev server) → exit."""
+    rooms = [f"{prefix}-drain-{n}" for n in range(DRAINING)]
+    jobs = await dispatch_all(dev, rooms, "sleep:3")
+    await agent.wait_events(lambda ev: all(event_time(ev, j.job.id) for j in jobs))
+    t_sigterm, t_exit, left = await sigterm_and_wait(agent)
+    events = agent.read_events()
+    finished = [t for j in jobs if (t := event_time(events, j.job.id, "finished"))]
+    statuses = [j.ended_at for j in jobs if j.ended]
+    return {"drain_exit_s": t_exit - t_sigterm, "drain_finished": len(finished),
+            "drain_after_last_job_s": t_exit - max(finished, default=t_sigterm),
+            "drain_after_status_s": t_exit - max(statuses, default=t_sigterm),
+            "drain_statuses": [j.status_name for j in jobs],
+            "drain_exit_code": agent.process.returncode, "drain_exit_left": left}
+
+
+async def run_exit(name: str, dev: DevServer, *, repeat: int) -> dict[str, Any]:
+    """The exit rows alone: an idle agent (framework defaults), then a draining one."""
+    known = set(dev.workers)
+    async with agent_process(name, dev, no_load=False) as agent:
+        await wait_registered(dev, known, agent)
+        await settle(agent)
+        result = await idle_exit(agent)
+    known = set(dev.workers)
+    async with agent_process(name, dev, no_load=True) as agent:
+        await wait_registered(dev, known, agent)
+        await settle(agent)
+        result.update(await drain_exit(agent, dev, f"{name}{repeat}x"))
     return result
 
 
@@ -496,7 +539,8 @@ LATENCIES: Final = ("seq_offer_answer", "seq_answer_assign", "seq_assign_started
 SCALARS: Final = ("cold_start_s", "idle_tree_pss_mb", "idle_processes", "cold_start_noload_s",
                   "per_job_pss_mb", "main_pss_growth_per_job_mb", "job_process_pss_mb",
                   "burst_last_offered_s", "burst_all_started_s", "burst_all_finished_s",
-                  "termination_s", "drain_exit_s", "drain_after_last_job_s",
+                  "termination_s", "idle_exit_s", "drain_exit_s", "drain_after_last_job_s",
+                  "drain_after_status_s",
                   "room_per_job_pss_mb", "room_job_process_pss_mb")
 
 
@@ -537,8 +581,10 @@ ROWS: Final[list[tuple[str, str, float | None]]] = [
     ("burst_all_started_s", "burst of 20: all started (s)", 0.3),
     ("burst_all_finished_s", "burst of 20: all finished (s)", None),
     ("termination_s", "JobTermination of a sleeping job → process gone (s)", 0.5),
+    ("idle_exit_s", "idle: SIGTERM → exit (s)", 1.0),
     ("drain_exit_s", "drain, 5 jobs sleeping 3 s: SIGTERM → exit (s)", None),
     ("drain_after_last_job_s", "drain: last job finished → exit (s)", None),
+    ("drain_after_status_s", "drain: last job's final status → exit (s)", 1.0),
     ("room_connect_p50_ms", "room: entrypoint → ctx.connect() done, p50 (ms)", None),
     ("room_connect_max_ms", "room: entrypoint → ctx.connect() done, max (ms)", None),
     ("room_per_job_pss_mb", f"room: PSS per connected job, {IN_ROOM} jobs (MiB)", None),
@@ -605,8 +651,14 @@ async def main() -> None:
     parser.add_argument("--interop-only", action="store_true",
                         help="only check the peer's worker against our dev server")
     parser.add_argument("--no-chart", action="store_true")
+    parser.add_argument("--only", choices=["exit"],
+                        help="exit: only the exit rows (idle SIGTERM → exit, drain → exit; "
+                             "a couple of minutes)")
     args = parser.parse_args()
     ensure_peer_venv()
+    if args.only == "exit":
+        await main_exit(max(1, args.repeats))
+        return
     repeats = 1 if args.quick else max(1, args.repeats)
     sequential_jobs = SEQUENTIAL_QUICK if args.quick else SEQUENTIAL
     devlog = DevLog()
@@ -671,6 +723,66 @@ async def main() -> None:
     if not args.no_chart:
         subprocess.run([str(PEER_PYTHON), str(HERE / "chart.py"), str(RESULTS / "latest.json"),
                         str(HERE / "latest.png")], check=False)
+
+
+#: the exit rows: key, label; the target is ours ≤ EXIT_TARGET_S and ours/peer ≤ 1 (issue 11)
+EXIT_ROWS: Final = [("idle_exit_s", "idle: SIGTERM → exit (s)"),
+                    ("drain_after_status_s", "drain, 5 jobs sleeping 3 s: last job's final "
+                                             "status → exit (s)"),
+                    ("drain_exit_s", "drain, 5 jobs sleeping 3 s: SIGTERM → exit (s)")]
+EXIT_TARGET_S: Final = 0.25
+
+
+def exit_table(ours: dict[str, float], peer: dict[str, float]) -> str:
+    rows = ["| metric | trio_agents | livekit-agents | ours/peer | target |",
+            "| --- | ---: | ---: | ---: | --- |"]
+    for key, label in EXIT_ROWS:
+        a, b = ours.get(key, math.nan), peer.get(key, math.nan)
+        ratio = a / b if b else math.nan
+        verdict = ""
+        if key != "drain_exit_s":
+            met = a <= EXIT_TARGET_S and ratio <= 1
+            verdict = (f"≤ {EXIT_TARGET_S} s and ratio ≤ 1: "
+                       f"{'**met**' if met else '**missed**'}")
+        rows.append(f"| {label} | {fmt(a)} | {fmt(b)} | {ratio:.2f} | {verdict} |")
+    return "\n".join(rows)
+
+
+async def main_exit(repeats: int) -> None:
+    """``--only exit``: the interop check, then the exit rows, alternating who goes first."""
+    devlog = DevLog()
+    logging.getLogger("trio_agents.devserver").addHandler(devlog)
+    logging.getLogger("trio_agents.devserver").setLevel(logging.INFO)
+    t_start = time.monotonic()
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "peer": []}
+    async with open_dev_server(host="127.0.0.1", port=0) as dev:
+        print(await interop(dev, devlog), flush=True)
+        for repeat in range(repeats):
+            for name in ("peer", "ours") if repeat % 2 else ("ours", "peer"):
+                print(f"repeat {repeat + 1}/{repeats}: {name}, exit...", flush=True)
+                result = await run_exit(name, dev, repeat=repeat)
+                runs[name].append(result)
+                print(f"  idle → exit {result['idle_exit_s']:.3f} s (code "
+                      f"{result['idle_exit_code']}, {result['idle_exit_left']} process(es) "
+                      f"left); drain: SIGTERM → exit {result['drain_exit_s']:.3f} s, last "
+                      f"status → exit {result['drain_after_status_s']:.3f} s (code "
+                      f"{result['drain_exit_code']}, statuses {result['drain_statuses']}, "
+                      f"{result['drain_exit_left']} left)", flush=True)
+    ours, peer = (summarise(runs[n]) for n in ("ours", "peer"))
+    header = (f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, Python "
+              f"{sys.version.split()[0]}, {repeats} repeat(s), medians; idle: framework "
+              f"defaults, num_idle_processes={IDLE}; drain: load threshold disabled; "
+              f"livekit-agents {peer_version()}")
+    print()
+    print(header)
+    print()
+    print(exit_table(ours, peer))
+    print(f"\n{time.monotonic() - t_start:.0f} s; dev server complaints: "
+          f"{len(devlog.complaints())}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "exit-latest.json").write_text(json.dumps(
+        {"header": header, "ours": ours, "peer": peer, "table": exit_table(ours, peer),
+         "runs": runs}, indent=1))
 
 
 if __name__ == "__main__":
