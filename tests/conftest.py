@@ -9,6 +9,8 @@ import psutil
 import pytest
 
 import netns
+
+from fixtures import dev, livekit, opener  # noqa: F401  (shared fixtures: see fixtures.py)
 from livekit_server import binary_path, server_binary
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator
 
 import jwt
 import pytest
@@ -27,18 +26,7 @@ from control_helpers import FixedRandom, RecordingSupervisor, constant_load, mak
 
 
 # pytest-trio only runs a test under a clock the test itself asks for: every test that uses
-# the dev server takes ``autojump_clock`` directly.
-@pytest.fixture
-async def dev() -> AsyncIterator[DevServer]:
-    async with open_dev_server(listen=False, api_key="devkey", api_secret="secret") as server:
-        yield server
-
-
-@pytest.fixture
-def opener(dev: DevServer, nursery: trio.Nursery) -> OpenStream:
-    return memory_opener(dev, nursery)
-
-
+# the dev server (``fixtures.dev``) takes ``autojump_clock`` directly.
 async def test_registers_and_reports_status(dev: DevServer, opener: OpenStream, autojump_clock: trio.testing.MockClock) -> None:
     control, _ = make_control(opener, agent_name="")
     async with running(control) as worker_id:

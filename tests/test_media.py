@@ -4,30 +4,16 @@ tracks through ``trio_agents.room`` (the realtime SDK under trio), on the real l
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator
 
 import pytest
 import trio
 from livekit import rtc
 
-from livekit_server import open_livekit_server
 from media_helpers import first_track, mean_rgb, participant_token, peak_hz, publishing_colour, publishing_sine
 from room_helpers import Backend
-from trio_agents.devserver import open_dev_server
 from trio_agents.room import Room, open_room
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(params=["devserver", pytest.param("livekit-server", marks=pytest.mark.realserver)])
-async def livekit(request: pytest.FixtureRequest, rtc_address: str) -> AsyncIterator[Backend]:
-    """The same test against the dev server and against the real livekit-server."""
-    if request.param == "devserver":
-        async with open_dev_server(port=0, rtc_address=rtc_address) as dev:
-            yield dev
-    else:
-        async with open_livekit_server(rtc_address) as server:
-            yield server
 
 
 def token(server: Backend, room: str, identity: str) -> str:

@@ -17,28 +17,15 @@ from livekit.protocol.agent_dispatch import CreateAgentDispatchRequest
 from livekit.protocol.room import DeleteRoomRequest, ListRoomsRequest
 
 from cli_helpers import CliProcess, run_cli
-from livekit_server import open_livekit_server
 from media_helpers import (first_track, peak_hz, publishing_colour, publishing_sine,
                            rms, silence_frame, sine_frame)
 from proc_helpers import watching_logs
 from room_helpers import Backend, Peer, agent_server, join
 from trio_agents.api import LiveKitAPI
-from trio_agents.devserver import open_dev_server
 from trio_agents.room import AudioSource
 
 pytestmark = pytest.mark.slow
 log = logging.getLogger("tests.media")
-
-
-@pytest.fixture(params=["devserver", pytest.param("livekit-server", marks=pytest.mark.realserver)])
-async def livekit(request: pytest.FixtureRequest, rtc_address: str) -> AsyncIterator[Backend]:
-    """The same test against the dev server and against the real livekit-server."""
-    if request.param == "devserver":
-        async with open_dev_server(port=0, rtc_address=rtc_address) as dev:
-            yield dev
-    else:
-        async with open_livekit_server(rtc_address) as server:
-            yield server
 
 
 def env(backend: Backend) -> dict[str, str]:

@@ -11,7 +11,6 @@ import logging
 import math
 import socket
 import threading
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -27,19 +26,7 @@ from trio_agents._control import CLOSE_TIMEOUT, OpenStream
 from trio_agents._errors import JobProcessError, TrioAgentsError
 from trio_agents._jobs import RunningJobInfo
 from trio_agents._util import unwrap_errors
-from trio_agents.devserver import DevServer, open_dev_server
-from trio_agents.testing import memory_opener
-
-
-@pytest.fixture
-async def dev() -> AsyncIterator[DevServer]:
-    async with open_dev_server(listen=False, api_key="devkey", api_secret="secret") as server:
-        yield server
-
-
-@pytest.fixture
-def opener(dev: DevServer, nursery: trio.Nursery) -> OpenStream:
-    return memory_opener(dev, nursery)
+from trio_agents.devserver import DevServer
 
 
 def threaded_server(**options: Any) -> AgentServer:
