@@ -204,22 +204,27 @@ class DevBackend(Backend):
 
 
 @pytest.fixture(params=[pytest.param(REAL, marks=pytest.mark.realserver), DEV])
-async def backend(request: pytest.FixtureRequest, rtc_address: str,
-                  tmp_path: Path) -> AsyncIterator[Backend]:
-    """Each scenario runs against livekit-server (marked ``realserver``) and the dev server.
+def backend_kind(request: pytest.FixtureRequest) -> tuple[str, Path | None]:
+    """Which server, and the livekit-server binary for the real one. A missing binary fails
+    the real-server tests, saying where it was looked for: they never pass unseen."""
+    if request.param == DEV:
+        return DEV, None
+    binary, why = find_binary()
+    if binary is None:
+        pytest.fail(f"livekit-server not found: {why}", pytrace=False)
+    return REAL, binary
 
-    A missing binary fails the real-server tests, with the reason: they never pass unseen.
-    """
-    if request.param == REAL:
-        binary, why = find_binary()
-        if binary is None:
-            pytest.fail(f"livekit-server not found: {why}", pytrace=False)
+
+@pytest.fixture
+async def backend(backend_kind: tuple[str, Path | None], rtc_address: str,
+                  tmp_path: Path) -> AsyncIterator[Backend]:
+    """Each scenario runs against livekit-server (marked ``realserver``) and the dev server."""
+    _, binary = backend_kind
+    if binary is not None:
         async with open_livekit_server(binary, tmp_path, node_ip=rtc_address) as server:
-            try:
-                yield RealBackend(server)
-            except BaseException:
-                print(f"livekit-server log (last lines):\n{server.tail(60)}")
-                raise
+            yield RealBackend(server)
+            # shown by pytest only if the test failed
+            print(f"livekit-server log, last lines:\n{server.tail(80)}")
     else:
         async with trio.open_nursery() as nursery:
             backend = DevBackend(rtc_address, nursery)

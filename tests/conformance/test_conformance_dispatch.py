@@ -152,9 +152,9 @@ async def test_two_agent_servers_share_the_load(backend: Backend) -> None:
                                  on_request=one_at_a_time(name)) for name in ("a", "b")]
     async with running(servers[0]) as a_id, running(servers[1]) as b_id:
         await backend.wait(lambda: {a_id, b_id} <= set(backend.workers()))
-        await dispatch(backend, "first", "shared", "sleep:2")
+        await dispatch(backend, "first", "shared", "ok")
         first = await backend.job_in("first")
-        await dispatch(backend, "second", "shared", "sleep:2")
+        await dispatch(backend, "second", "shared", "ok")
         second = await backend.job_in("second")
         assert {first.worker_id, second.worker_id} == {a_id, b_id}
         for job in (first, second):
