@@ -175,7 +175,8 @@ class Fleet:
     nursery: trio.Nursery
     capacity: int
     agents: dict[str, Agent] = attrs.Factory(dict)
-    _stack: list[Any] = attrs.Factory(list)
+    killed: set[str] = attrs.Factory(set)
+    """Agent servers SIGKILLed: their jobs never finish."""
 
     async def start_agent(self, name: str, node: str) -> Agent:
         (health,) = free_ports(socket.SOCK_STREAM)
@@ -262,13 +263,14 @@ async def dispatch_all(fleet: Fleet, jobs: int, rate: float, rng: random.Random,
 
 
 async def wait_jobs_done(fleet: Fleet, sent: dict[str, dict[str, Any]], budget: float) -> bool:
-    """Until every job that started has finished (per the agents' events) and none started
-    for 3 s; False if that took over ``budget`` s."""
+    """Until every job that started (on an agent server not SIGKILLed) has finished, per the
+    agents' events, and none started for 3 s; False if that took over ``budget`` s."""
     with trio.move_on_after(budget):
         quiet_since, seen = trio.current_time(), -1
         while True:
             events = fleet.read_events()
-            started = {e["room"] for e in events if e["event"] == "started"}
+            started = {e["room"] for e in events if e["event"] == "started"
+                       and e["agent"] not in fleet.killed}
             finished = {e["room"] for e in events if e["event"] == "finished"}
             if len(started) != seen:
                 quiet_since, seen = trio.current_time(), len(started)
@@ -404,6 +406,7 @@ async def run_scenario(name: str, binary: Path, args: argparse.Namespace) -> dic
                 victim = fleet.agents["a2"]
                 notes["sigkill_at_job"] = i
                 notes["killed_running"] = running_on(fleet, "a2")
+                fleet.killed.add("a2")
                 notes["killed_exit"] = await victim.child.stop(signal.SIGKILL)
             elif name == "node-restart" and i == third:
                 node_b = fleet.servers["B"]
