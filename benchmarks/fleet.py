@@ -318,7 +318,13 @@ def analyse(fleet: Fleet, sent: dict[str, dict[str, Any]]) -> dict[str, Any]:
     about_lost = [f"{name}: {r.message} {json.dumps(r.fields)[:300]}"
                   for name, server in fleet.servers.items() for r in server.records
                   if r.fields.get("room") in lost and r.fields.get("level") != "debug"]
+    failed_ids = {str(r.fields.get("jobID")) for server in fleet.servers.values()
+                  for r in server.records
+                  if r.message == "job ended" and r.fields.get("status") == "JS_FAILED"}
+    about_failed = [f"{agent.name}: {line[:400]}" for agent in fleet.agents.values()
+                    for line in agent.child.lines if any(j in line for j in failed_ids)]
     return {
+        "agent_log_about_failed_jobs": about_failed[-40:],
         "dispatched": len(sent),
         "retried_via_other_node": sum(1 for s in sent.values() if s.get("retried")),
         "started_without_a_server_end": sorted(

@@ -15,7 +15,7 @@ from proc_helpers import watching_logs
 from room_helpers import join, say_bye, talk_both_ways
 from trio_agents.room import Room
 
-from .conftest import WAIT, Backend, make_agent_server, running
+from .conftest import REAL, WAIT, Backend, make_agent_server, running
 
 
 async def send_room_agent(backend: Backend, room: str, **params: object) -> None:
@@ -69,3 +69,31 @@ async def test_deleting_the_room_disconnects_the_agent_and_its_job_ends(
                 await logs.wait_for(f"job {job.id} finished (room disconnected (ROOM_DELETED))")
                 await server._supervisor.wait_idle()  # type: ignore[union-attr]
             assert not logs.matching(f"LiveKit terminated job {job.id}")
+
+
+async def test_removing_the_agent_ends_its_job(backend: Backend) -> None:
+    """RemoveParticipant of a job's agent. livekit-server 1.8.3 only closes the participant:
+    the job ends because its room disconnected (PARTICIPANT_REMOVED) and reports success. The
+    dev server follows later livekit-servers (``TerminateJob`` with AGENT_LEFT_ROOM): it sends
+    JobTermination and records JS_FAILED ("agent worker left the room") itself."""
+    server = make_agent_server(backend, room_agent.entrypoint, agent_name="room-agent")
+    with watching_logs() as logs:
+        async with running(server) as worker_id, join(backend, "kick", "user1") as user:
+            await send_room_agent(backend, "kick", scenario="echo")
+            job = await backend.job_in("kick", worker_id)
+            agent_identity = (await user.expect("hello world")).sender
+            async with backend.api() as api:
+                await api.room.remove_participant(room_proto.RoomParticipantIdentity(
+                    room="kick", identity=agent_identity))
+            ended = await backend.ended(job.id)
+            with trio.fail_after(WAIT):
+                await server._supervisor.wait_idle()  # type: ignore[union-attr]
+            if backend.name == REAL:
+                assert (ended.status, ended.error) == ("JS_SUCCESS", "")
+                assert logs.matching(f"job {job.id} finished (room disconnected "
+                                     "(PARTICIPANT_REMOVED))")
+                assert not logs.matching(f"LiveKit terminated job {job.id}")
+            else:
+                assert (ended.status, ended.error) == ("JS_FAILED", "agent worker left the room")
+                with trio.fail_after(WAIT):
+                    await logs.wait_for(f"LiveKit terminated job {job.id}")
