@@ -494,6 +494,42 @@ async def main_async(args: argparse.Namespace, binary: Path) -> dict[str, Any]:
     return results
 
 
+def write_chart(results: dict[str, Any], path: Path) -> None:
+    """An SVG (no plotting library needed): jobs per agent server in each scenario, and the
+    dispatch latency p50/p99 above each group."""
+    names = [n for n in results if results[n].get("spread")]
+    agents = sorted({a for n in names for a in results[n]["spread"]})
+    colours = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1"]
+    peak = max(max(results[n]["spread"].values()) for n in names) if names else 1
+    bar, gap, height, top = 14, 40, 220, 70
+    group = bar * len(agents) + gap
+    width = 60 + group * len(names)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + top + 60}"'
+           ' font-family="sans-serif" font-size="11">',
+           f'<text x="10" y="18" font-size="13">fleet: jobs per agent server (of '
+           f'{results[names[0]]["dispatched"] if names else 0}); dispatch latency p50/p99'
+           ' (ms); lost</text>']
+    for g, name in enumerate(names):
+        x0 = 50 + g * group
+        res = results[name]
+        lat = res["latency_ms"]
+        out.append(f'<text x="{x0}" y="{top - 20}">{lat["p50"]:.0f}/{lat["p99"]:.0f} ms</text>'
+                   f'<text x="{x0}" y="{top - 6}">lost {len(res["lost"])}</text>')
+        for i, agent in enumerate(agents):
+            jobs = res["spread"].get(agent, 0)
+            h = height * jobs / peak
+            out.append(f'<rect x="{x0 + i * bar}" y="{top + height - h:.1f}" width="{bar - 2}"'
+                       f' height="{h:.1f}" fill="{colours[i % len(colours)]}">'
+                       f'<title>{name} {agent}: {jobs}</title></rect>')
+        out.append(f'<text x="{x0}" y="{top + height + 16}">{name}</text>')
+    for i, agent in enumerate(agents):
+        out.append(f'<rect x="{50 + i * 60}" y="{top + height + 32}" width="10" height="10"'
+                   f' fill="{colours[i % len(colours)]}"/><text x="{64 + i * 60}"'
+                   f' y="{top + height + 41}">{agent}</text>')
+    out.append("</svg>")
+    path.write_text("\n".join(out) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=200)
@@ -521,7 +557,8 @@ def main() -> None:
     out = RESULTS / "fleet.json"
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=1,
                               default=str))
-    print(f"written {out}")
+    write_chart(results, HERE / "fleet.svg")
+    print(f"written {out} and {HERE / 'fleet.svg'}")
 
 
 if __name__ == "__main__":
