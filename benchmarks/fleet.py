@@ -355,9 +355,9 @@ def analyse(fleet: Fleet, sent: dict[str, dict[str, Any]]) -> dict[str, Any]:
 async def real_fleet(binary: Path, workdir: Path, capacity: int) -> AsyncIterator[Fleet]:
     async with open_redis() as redis_port, trio.open_nursery() as nursery:
         redis = ["--redis-host", f"127.0.0.1:{redis_port}"]
-        async with open_livekit_server(binary, workdir, node_ip=NODE_ADDRESSES[0],
+        async with open_livekit_server(NODE_ADDRESSES[0], binary=binary, workdir=workdir,
                                        extra_args=redis) as node_a, \
-                open_livekit_server(binary, workdir, node_ip=NODE_ADDRESSES[1],
+                open_livekit_server(NODE_ADDRESSES[1], binary=binary, workdir=workdir,
                                     extra_args=redis) as node_b:
             fleet = Fleet(workdir, workdir / "events.jsonl", {"A": node_a.url, "B": node_b.url},
                           {"A": node_a, "B": node_b}, nursery, capacity)

@@ -9,11 +9,39 @@ import psutil
 import pytest
 
 import netns
+from livekit_server import binary_path, server_binary
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # First, before any thread or child process exists (see tests/netns.py).
     netns.enter_private_network()
+
+
+def _stage(item: pytest.Item) -> int:
+    """Fast tests first, then the slow ones, then those against the real livekit-server, then
+    the soak: a broken build shows in the first minutes."""
+    if "soak" in item.nodeid:
+        return 3
+    if item.get_closest_marker("realserver") is not None:
+        return 2
+    return 1 if item.get_closest_marker("slow") is not None else 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=_stage)  # stable: within a stage, the files' own order
+    binary = server_binary()
+    if binary is None:
+        skip = pytest.mark.skip(reason=f"no livekit-server binary at {binary_path()} (set "
+                                       "LIVEKIT_SERVER_BIN to run the real-server tests)")
+        for item in items:
+            if item.get_closest_marker("realserver") is not None:
+                item.add_marker(skip)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    binary = server_binary()
+    return (f"real-server tests: {binary}" if binary is not None
+            else f"real-server tests: skipped, no livekit-server binary at {binary_path()}")
 
 
 @pytest.fixture(scope="session")

@@ -91,7 +91,8 @@ def make_control(
     opts = ServerOptions(
         ws_url="ws://devserver:7880", api_key="devkey", api_secret=api_secret,
         load_threshold=options.pop("load_threshold", math.inf),  # type: ignore[arg-type]
-        num_idle_processes=1, **options,  # type: ignore[arg-type]
+        num_idle_processes=options.pop("num_idle_processes", 1),  # type: ignore[arg-type]
+        **options,  # type: ignore[arg-type]
     )
     config = resolve_options(opts, devmode=False, environ={})
     control = ControlPlane(

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from _typeshed import SupportsLenAndGetItem
 
 KEY, SECRET = "devkey", "secret"
+#: The headers of a websocket upgrade request (a fixed key).
+UPGRADE = [("connection", "Upgrade"), ("upgrade", "websocket"),
+           ("sec-websocket-version", "13"), ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")]
 T = TypeVar("T")
 
 

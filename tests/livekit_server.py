@@ -2,10 +2,10 @@
 through its log, stopped and reaped.
 
 Where the binary comes from: ``$LIVEKIT_SERVER_BIN`` if set, else
-``<repo>/../shared/livekit-server/livekit-server`` (the project's CI layout). ``find_binary``
-says which and, when there is none, why.
+``<repo>/../shared/livekit-server/livekit-server`` (the project's CI layout): ``binary_path``;
+``server_binary`` is it if it is there, and ``find_binary`` also says why not.
 
-``open_livekit_server`` runs one ``livekit-server --dev`` (key ``devkey``, secret ``secret``)
+``open_livekit_server(node_ip)`` runs one ``livekit-server --dev`` (key ``devkey``, secret ``secret``)
 for the duration of an ``async with``, on ports of its own, bound to 127.0.0.1 and to the
 WebRTC address it announces (``--node-ip``). Its log is JSON (``logging.json``), one record
 per line; every record is kept, and ``wait_for``/``wait_until`` wake on each new one: the
@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -42,11 +43,20 @@ START_TIMEOUT: Final = 30.0
 STOP_TIMEOUT: Final = 10.0
 
 
+def binary_path() -> Path:
+    """Where the livekit-server binary to test against should be."""
+    return Path(os.environ.get(BINARY_ENV) or DEFAULT_BINARY)
+
+
+def server_binary() -> Path | None:
+    """The livekit-server binary to test against, or ``None`` if there is none."""
+    return find_binary()[0]
+
+
 def find_binary() -> tuple[Path | None, str]:
     """The livekit-server binary to use and where it comes from, or ``None`` and why not."""
-    chosen = os.environ.get(BINARY_ENV)
-    path = Path(chosen) if chosen else DEFAULT_BINARY
-    source = f"${BINARY_ENV}" if chosen else "the default location"
+    path = binary_path()
+    source = f"${BINARY_ENV}" if os.environ.get(BINARY_ENV) else "the default location"
     if not path.is_file():
         return None, (f"no livekit-server binary at {path} ({source}); put livekit-server "
                       f"1.8.x there, or set {BINARY_ENV} to the path of one")
@@ -104,9 +114,16 @@ class LiveKitServer:
     _exited: set[int] = attrs.field(factory=set, repr=False)
     _change: trio.Event = attrs.field(factory=trio.Event, repr=False)
 
+    start_timeout: float = START_TIMEOUT
+    """From exec to serving."""
+
     @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def config_path(self) -> Path:
@@ -168,7 +185,7 @@ class LiveKitServer:
         self._process = process
         self._nursery.start_soon(self._read_log, process, self.run)
         run = self.run
-        with trio.fail_after(START_TIMEOUT):
+        with trio.fail_after(self.start_timeout):
             await self.wait_until(lambda: run in self._exited
                                   or self.find("starting LiveKit server"))
         if run in self._exited:
@@ -176,7 +193,7 @@ class LiveKitServer:
             raise RuntimeError(f"livekit-server exited at start ({' '.join(argv)}):\n"
                                f"{self.tail()}")
         # it listens before it logs "starting LiveKit server": one request must succeed
-        async with httpx.AsyncClient(timeout=START_TIMEOUT) as client:
+        async with httpx.AsyncClient(timeout=self.start_timeout) as client:
             answer = await client.get(f"http://127.0.0.1:{self.port}/")
         if answer.text != "OK":
             raise RuntimeError(f"livekit-server answered {answer.status_code} {answer.text!r} "
@@ -236,22 +253,31 @@ class LiveKitServer:
 
 
 @asynccontextmanager
-async def open_livekit_server(binary: Path, workdir: Path, *, node_ip: str,
-                              port: int | None = None,
-                              extra_args: Sequence[str] = ()) -> AsyncIterator[LiveKitServer]:
+async def open_livekit_server(node_ip: str, *, binary: Path | None = None,
+                              workdir: Path | None = None, port: int | None = None,
+                              extra_args: Sequence[str] = (),
+                              timeout: float = START_TIMEOUT) -> AsyncIterator[LiveKitServer]:
     """Run livekit-server for the block, on free ports (``port`` for HTTP if given); it is
     stopped (SIGTERM, then SIGKILL) and reaped when the block ends, however it ends.
 
     ``node_ip`` is the address it announces for WebRTC and binds besides 127.0.0.1 (WebRTC
-    never uses loopback): the test network namespace's veth address.
+    never uses loopback): the test network namespace's veth address. ``binary`` defaults to
+    ``server_binary()``; ``workdir`` (for its config file) to a temporary directory.
+    ``extra_args`` go on its command line (e.g. ``--redis-host``).
     """
+    if binary is None:
+        binary, why = find_binary()
+        if binary is None:
+            raise RuntimeError(why)
     http, tcp, udp = free_ports(socket.SOCK_STREAM, socket.SOCK_STREAM, socket.SOCK_DGRAM)
-    async with trio.open_nursery() as nursery:
-        server = LiveKitServer(
-            binary=binary, workdir=workdir, node_ip=node_ip, port=port or http, tcp_port=tcp,
-            udp_port=udp, extra_args=extra_args, nursery=nursery)
-        try:
-            await server.start()
-            yield server
-        finally:
-            await server.stop()
+    with tempfile.TemporaryDirectory(prefix="livekit-") as tmp:
+        async with trio.open_nursery() as nursery:
+            server = LiveKitServer(
+                binary=binary, workdir=workdir or Path(tmp), node_ip=node_ip,
+                port=port or http, tcp_port=tcp, udp_port=udp, extra_args=extra_args,
+                start_timeout=timeout, nursery=nursery)
+            try:
+                await server.start()
+                yield server
+            finally:
+                await server.stop()

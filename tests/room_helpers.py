@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
@@ -13,13 +13,24 @@ import attrs
 import trio
 from livekit import rtc
 
-from trio_agents import AgentServer
+from trio_agents import AgentServer, JobContext
 from trio_agents._auth import VideoGrants, create_token
 from trio_agents.devserver import DevServer
 from trio_agents.room import Room, TextStream, open_room
 
 #: Text-stream topics a test participant listens on.
-TOPICS = ("events", "hello-world", "chat-reply", "greeting")
+TOPICS = ("events", "hello-world", "chat-reply", "greeting", "track-events", "publisher")
+
+
+class Backend(Protocol):
+    """A LiveKit to test against: the dev server or the real livekit-server."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def api_key(self) -> str: ...
+    @property
+    def api_secret(self) -> str: ...
 
 
 @attrs.frozen
@@ -57,27 +68,17 @@ class Peer:
         return message.text[len(prefix):]
 
 
-class Endpoint(Protocol):
-    """A LiveKit server to join: the dev server, or livekit-server (tests/livekit_server.py)."""
-
-    @property
-    def url(self) -> str: ...
-    @property
-    def api_key(self) -> str: ...
-    @property
-    def api_secret(self) -> str: ...
-
-
-def token(dev: Endpoint, room: str, identity: str, *, kind: str = "",
+def token(dev: Backend, room: str, identity: str, *, kind: str = "",
           attributes: Mapping[str, str] | None = None) -> str:
     return create_token(dev.api_key, dev.api_secret, identity=identity, kind=kind,
                         attributes=attributes,
-                        video=VideoGrants(room_join=True, room=room,
+                        video=VideoGrants(room_join=True, room=room, can_publish=True,
+                                          can_subscribe=True, can_publish_data=True,
                                           can_update_own_metadata=True))
 
 
 @asynccontextmanager
-async def join(dev: Endpoint, room: str, identity: str, *, kind: str = "",
+async def join(dev: Backend, room: str, identity: str, *, kind: str = "",
                url: str | None = None) -> AsyncIterator[Peer]:
     """Join ``room`` as ``identity``; the ``Peer`` collects what arrives for it."""
     send, receive = trio.open_memory_channel[Message](math.inf)
@@ -133,7 +134,9 @@ async def say_bye(user: Peer, agent_identity: str) -> None:
                 pass
 
 
-def make_agent_server(dev: DevServer, url: str | None = None, **options: Any) -> AgentServer:
+def make_agent_server(dev: Backend, url: str | None = None, *,
+                      entrypoint: Callable[[JobContext], Awaitable[None]] | None = None,
+                      agent_name: str = "room-agent", **options: Any) -> AgentServer:
     from agents import room_agent
 
     async def no_load() -> float:
@@ -143,13 +146,14 @@ def make_agent_server(dev: DevServer, url: str | None = None, **options: Any) ->
                          port=0, load_fnc=no_load, load_threshold=math.inf,
                          num_idle_processes=options.pop("num_idle_processes", 1),
                          shutdown_process_timeout=2.0, **options)
-    server.rtc_session(room_agent.entrypoint, agent_name="room-agent")
+    server.rtc_session(entrypoint or room_agent.entrypoint, agent_name=agent_name)
     return server
 
 
 @asynccontextmanager
-async def agent_server(dev: DevServer, url: str | None = None) -> AsyncIterator[AgentServer]:
-    server = make_agent_server(dev, url)
+async def agent_server(dev: Backend, url: str | None = None, **options: Any
+                       ) -> AsyncIterator[AgentServer]:
+    server = make_agent_server(dev, url, **options)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         yield server

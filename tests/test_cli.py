@@ -83,6 +83,18 @@ async def test_second_signal_stops_jobs_through_the_escalation(dev: DevServer) -
     assert (dev.jobs[job_id].status, dev.jobs[job_id].error) == (agent.JS_FAILED, INTERRUPTED)
 
 
+async def test_idle_sigterm_exits_closing_websocket_and_health(dev: DevServer) -> None:
+    async with run_cli([AGENT, "start"], env=livekit_env(dev)) as cli:
+        health = json.loads(await cli.wait_for("health endpoint"))["health_port"]
+        await cli.wait_for("registered worker")
+        (worker_id,) = dev.workers
+        cli.signal(signal.SIGTERM)
+        assert await cli.wait() == 0
+    await dev.wait_until(lambda: worker_id not in dev.workers)
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream("127.0.0.1", health)
+
+
 async def test_signal_during_prewarm_still_drains_cleanly(dev: DevServer) -> None:
     env = {**livekit_env(dev), "TEST_IDLE": "2"}
     async with run_cli([AGENT, "start"], env=env) as cli:
@@ -94,10 +106,26 @@ async def test_signal_during_prewarm_still_drains_cleanly(dev: DevServer) -> Non
 async def test_dev_without_url_runs_the_demo_job() -> None:
     async with run_cli(["examples/minimal.py", "dev", "--no-reload"]) as cli:
         await cli.wait_for("embedded dev server")
+        await cli.wait_for("dispatched a demo job to room 'demo-room'; Ctrl-C to stop")
         await cli.wait_for("hello from job AJ_.* in room 'demo-room'")
         await cli.wait_for("finished \\(entrypoint returned\\)")
         cli.signal(signal.SIGINT)
         assert await cli.wait() == 0
+    assert not [line for line in cli.lines if "save a file" in line]  # nothing reloads
+
+
+async def test_dev_first_ctrl_c_stops_running_jobs(dev: DevServer) -> None:
+    # dev against a LiveKit (no file watcher): the first SIGINT stops, it does not drain;
+    # the job goes through the shutdown escalation (shutdown_process_timeout=2 s in the agent)
+    async with run_cli([AGENT, "dev", "--no-reload"], env=livekit_env(dev), timeout=30) as cli:
+        await cli.wait_for("registered worker")
+        (job_id,) = await start_jobs(dev, ["sleep:3600"])
+        await cli.wait_for("started sleep")
+        cli.signal(signal.SIGINT)
+        await cli.wait_for("SIGINT received: stopping")
+        assert await cli.wait() == 3, "\n".join(cli.lines)  # stopped with a job still running
+    assert (dev.jobs[job_id].status, dev.jobs[job_id].error) == (agent.JS_FAILED, INTERRUPTED)
+    assert not [line for line in cli.lines if "draining" in line]
 
 
 async def test_dev_reloads_on_change(tmp_path: trio.Path) -> None:
@@ -114,6 +142,37 @@ async def test_dev_reloads_on_change(tmp_path: trio.Path) -> None:
         await cli.wait_for("registered worker", count=2)
         cli.signal(signal.SIGINT)
         assert await cli.wait() == 0
+
+
+async def test_dev_survives_a_syntax_error_and_restarts_when_fixed(tmp_path: trio.Path) -> None:
+    from livekit.protocol import room as room_proto
+
+    from trio_agents.api import LiveKitAPI
+
+    source = await trio.Path("examples/minimal.py").read_text()
+    agent_file = trio.Path(tmp_path) / "editing_agent.py"
+    await agent_file.write_text(source)
+    async with run_cli([str(agent_file), "dev"], timeout=40) as cli:
+        url = (await cli.wait_for("embedded dev server at ws://")).split(" at ")[1].split()[0]
+        await cli.wait_for("hello from job")
+        async with LiveKitAPI(url, "devkey", "secret") as api:
+            await api.room.create_room(room_proto.CreateRoomRequest(name="kept",
+                                                                    empty_timeout=600))
+            await cli.wait_for("hello from job .* in room 'kept'")
+            await agent_file.write_text(source + "\ndef broken(:\n")  # saved mid-edit
+            await cli.wait_for("SyntaxError")  # the child's traceback, on the terminal
+            await cli.wait_for("exited with code 1; fix the error and save a file")
+            await agent_file.write_text(source)
+            await cli.wait_for("changed: restarting the agent server")
+            await cli.wait_for("registered worker", count=2)
+            rooms = await api.room.list_rooms(room_proto.ListRoomsRequest())
+            assert "kept" in [r.name for r in rooms.rooms]  # the dev server stayed up
+            await api.room.create_room(room_proto.CreateRoomRequest(name="after-fix"))
+            await cli.wait_for("hello from job .* in room 'after-fix'")
+        cli.signal(signal.SIGINT)
+        # 0, or 3 if the last job's process had not exited yet: stopped, not failed
+        assert await cli.wait() in (0, 3)
+    assert len([line for line in cli.lines if "embedded dev server at" in line]) == 1
 
 
 async def test_log_level_flag_beats_environment(dev: DevServer) -> None:
@@ -162,7 +221,11 @@ async def test_health_port_in_use_is_a_clear_error(dev: DevServer) -> None:
         env = {**livekit_env(dev), "TEST_HEALTH_PORT": str(port)}
         async with run_cli([AGENT, "start"], env=env) as cli:
             assert await cli.wait() == 1
-    assert any(f":{port}" in line and "another port" in line for line in cli.lines)
+    # one line, the message (it names the port and the fix), no traceback
+    (line,) = [line for line in cli.lines if line.strip()]
+    record = json.loads(line)
+    assert record["level"] == "CRITICAL"
+    assert f":{port}" in record["message"] and "another port" in record["message"]
 
 
 async def test_connect_dispatches_to_the_named_room(dev: DevServer) -> None:

@@ -23,7 +23,7 @@ from trio_agents.devserver import DevServer, open_dev_server
 from trio_agents.testing import memory_opener
 from trio_agents._control import OpenStream
 
-from control_helpers import FixedRandom, constant_load, make_control, running
+from control_helpers import FixedRandom, RecordingSupervisor, constant_load, make_control, running
 
 
 # pytest-trio only runs a test under a clock the test itself asks for: every test that uses
@@ -328,3 +328,55 @@ async def _only_job_id(dev: DevServer) -> str:
 
 def test_fixed_random_has_no_jitter() -> None:
     assert FixedRandom().random() == 0.0
+
+
+@pytest.mark.parametrize("max_retry", [0, 3])
+async def test_a_cancel_that_lands_on_the_last_retry_stays_a_cancel(
+    autojump_clock: trio.testing.MockClock, max_retry: int,
+) -> None:
+    """The server is being stopped (its scope cancelled) just as the last attempt fails: the
+    cancel must win. It used to surface as ``ServerConnectionError`` (the attempt's error
+    was turned into the final failure with no checkpoint in between), which
+    ``AgentServer.run`` then raised instead of stopping quietly."""
+    attempts = 0
+    scope = trio.CancelScope()
+
+    async def failing(host: str, port: int, tls: bool) -> trio.abc.Stream:
+        nonlocal attempts
+        attempts += 1
+        if attempts == max_retry + 1:
+            scope.cancel()  # lands while this attempt fails, before any checkpoint
+        raise OSError(111, "Connection refused")
+
+    control, _ = make_control(failing, max_retry=max_retry)
+    with scope:
+        await control.run()
+    assert scope.cancelled_caught
+    assert attempts == max_retry + 1
+    assert control.failure == ""
+
+
+@pytest.mark.parametrize("idle", [1, 2, 8])
+async def test_capacity_is_exact_whatever_the_idle_processes(
+    dev: DevServer, opener: OpenStream, autojump_clock: trio.testing.MockClock, idle: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """load = jobs / 2 with threshold 1.0 holds exactly 2 jobs. The old guess (threshold /
+    num_idle_processes per offer) took all 5 simultaneous offers with 8 idle processes and
+    only 1 with 1 idle process."""
+    supervisor = RecordingSupervisor()
+
+    async def two_jobs_fill_it() -> object:
+        return len(supervisor.running_jobs) / 2
+
+    control, _ = make_control(opener, supervisor=supervisor, load=two_jobs_fill_it,
+                              load_threshold=1.0, num_idle_processes=idle)
+    caplog.set_level(logging.INFO, logger="trio_agents")
+    async with running(control):
+        for n in range(5):  # five offers at the same instant
+            await dev.create_room(f"room-{n}")
+        await dev.wait_until(lambda: len(dev.jobs) == 5 and all(j.done for j in dev.jobs.values()))
+        assert len(supervisor.launched) == 2
+        assert sum(1 for j in dev.jobs.values() if j.dropped) == 3
+    refusals = [r.getMessage() for r in caplog.records if "refusing job" in r.getMessage()]
+    assert refusals and "reserved slot" in refusals[0]  # the real reason, not "load=0.0"

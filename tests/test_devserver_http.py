@@ -12,10 +12,7 @@ import trio.testing
 from trio_agents._auth import VideoGrants, create_token, worker_token
 from trio_agents.devserver import DevServer, open_dev_server
 
-from devserver_helpers import KEY, SECRET, http_client, registered
-
-UPGRADE = [("connection", "Upgrade"), ("upgrade", "websocket"),
-           ("sec-websocket-version", "13"), ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")]
+from devserver_helpers import KEY, SECRET, UPGRADE, http_client, registered
 
 
 @pytest.fixture

@@ -32,7 +32,8 @@ Reason = models.DisconnectReason
 
 @pytest.fixture
 async def dev(rtc_address: str) -> AsyncIterator[DevServer]:
-    async with open_dev_server(port=0, rtc_address=rtc_address, join_timeout=math.inf) as server:
+    async with open_dev_server(port=0, rtc_address=rtc_address, join_timeout=math.inf,
+                               rtc_v1=True) as server:
         yield server
 
 
@@ -159,7 +160,8 @@ async def test_join_validation(dev: DevServer, target: str, grants: dict[str, An
 
 async def test_a_participant_without_webrtc_is_removed_after_the_join_timeout(
         rtc_address: str) -> None:
-    async with open_dev_server(port=0, rtc_address=rtc_address, join_timeout=0.5) as dev:
+    async with open_dev_server(port=0, rtc_address=rtc_address, join_timeout=0.5,
+                               rtc_v1=True) as dev:
         # both are removed in time; the silent one first, as it joined first
         async with connect(dev, "silent") as silent, connect(dev, "watcher") as watcher:
             await silent.receive("join")
@@ -333,3 +335,32 @@ def test_recipients_follow_destination_identities() -> None:
                       everyone) == ["c"]
     legacy = models.DataPacket(user=models.UserPacket(destination_identities=["b"]))
     assert recipients(legacy, "a", everyone) == ["b"]
+
+
+async def test_rtc_v1_is_not_found_by_default_as_on_livekit_server_1_8(
+        rtc_address: str) -> None:
+    """The SDKs then fall back to /rtc, the two peer connections media is forwarded on."""
+    async with open_dev_server(port=0, rtc_address=rtc_address) as plain:
+        bearer = token(plain, "r", "alice")
+        assert (await http_get(plain, f"/rtc/v1/validate?join_request={join_request()}",
+                               bearer)).status_code == 404
+        assert (await http_get(plain, "/rtc/validate?protocol=16", bearer)).status_code == 200
+
+
+def test_auto_subscribe_is_read_from_the_join() -> None:
+    from trio_agents._auth import verify_token
+
+    claims = verify_token(create_token("k", "s", identity="i",
+                                       video=VideoGrants(room_join=True, room="r")), {"k": "s"})
+
+    def parsed(path: str, **query: str) -> bool:
+        params = parse_join(Request(method="GET", target=path, path=path, query={
+            k: [v] for k, v in query.items()}, headers={}), claims)
+        assert isinstance(params, JoinParams)
+        return params.auto_subscribe
+
+    assert parsed("/rtc", protocol="16") and parsed("/rtc", auto_subscribe="1")
+    assert not parsed("/rtc", auto_subscribe="0")
+    assert parsed("/rtc/v1", join_request=join_request())
+    off = join_request(connection_settings=rtc.ConnectionSettings(auto_subscribe=False))
+    assert not parsed("/rtc/v1", join_request=off)

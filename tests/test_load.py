@@ -101,6 +101,22 @@ def test_sampler_on_fake_cgroup(tmp_path: Path) -> None:
     assert load.sample(1.0) == pytest.approx(0.75)  # mean of 0.5 and 1.0
 
 
+def test_sampler_keeps_the_last_interval_for_admission(tmp_path: Path) -> None:
+    """The moving average lags a new job by several samples; admission learns a job's
+    weight from the last interval alone."""
+    root = _cgroup(tmp_path, "100000 100000\n", 0)
+    load = CpuLoad(root)
+    load.sample(0.0)
+    assert load.last is None  # a baseline is no interval
+    for usec, t in ((0, 0.5), (0, 1.0), (400_000, 1.5)):
+        _cgroup(tmp_path, "100000 100000\n", usec)
+        average = load.sample(t)
+    assert load.last == pytest.approx(0.8) and average == pytest.approx(0.8 / 3)
+    (tmp_path / "cpu.stat").write_text("garbage\n")
+    load.sample(2.0)
+    assert load.last == pytest.approx(0.8)  # an unreadable sample changes nothing
+
+
 def test_sampler_drops_impossible_samples_and_rebases(tmp_path: Path) -> None:
     root = _cgroup(tmp_path, "max 100000\n", 0)
     load = CpuLoad(root, host_cpus=2)  # no quota: the CPUs we may run on

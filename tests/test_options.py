@@ -54,3 +54,11 @@ def test_urls() -> None:
 def test_non_positive_timeouts_are_rejected(field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         resolve_options(ServerOptions(**{field: 0}), devmode=False, environ=ENV)  # type: ignore[arg-type]
+
+
+def test_job_executor_type_given_as_its_value() -> None:
+    from trio_agents import JobExecutorType, ServerOptions
+
+    assert ServerOptions(job_executor_type="thread").job_executor_type is JobExecutorType.THREAD
+    with pytest.raises(ValueError):
+        ServerOptions(job_executor_type="fiber")

@@ -87,3 +87,15 @@ def test_without_the_rtc_extra_the_error_names_it(monkeypatch: pytest.MonkeyPatc
     assert str(info.value) == ("joining a room needs the rtc extra (livekit.rtc is not "
                                "installed): pip install 'trio-agents[rtc]'")
     assert isinstance(info.value, ImportError)
+
+
+async def test_a_late_audio_source_does_not_crash_the_bridge() -> None:
+    """The SDK's AudioSource asks for a negative call_later delay when its producer runs
+    late; asyncio allows it, and so must the bridge's trio-asyncio loop."""
+    from trio_agents._room import open_bridge
+
+    async with open_bridge() as bridge:
+        ran = trio.Event()
+        bridge.loop.call_later(-0.01, ran.set)
+        with trio.fail_after(5):
+            await ran.wait()

@@ -143,7 +143,8 @@ async def test_dropped_connection_keeps_jobs_running(dev: DevServer) -> None:
     server.rtc_session(scripted.entrypoint, agent_name="scripted")
     async with serving(server) as first_id:
         job_id = await dispatch(dev, "r1", "sleep:30")
-        await dev.wait_until(lambda: len(server.active_jobs) == 1)
+        # active_jobs counts the job from its acceptance: wait for its process
+        await dev.wait_until(lambda: len(server._supervisor.job_processes) == 1)  # type: ignore[union-attr]
         pid = server._supervisor.job_processes[0].pid  # type: ignore[union-attr]
         dev.drop_worker(first_id)
         await dev.wait_until(lambda: server.worker_id != first_id and server.registered

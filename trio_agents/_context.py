@@ -28,6 +28,7 @@ ShutdownCallback = Callable[..., Awaitable[None]]
 
 if TYPE_CHECKING:
     from livekit import rtc
+    from livekit.protocol import sip
 
     from ._room import Bridge, LocalParticipant, Room
     from .api import LiveKitAPI
@@ -195,7 +196,7 @@ class JobContext:
         if self._room is None:
             from .room import Room
 
-            self._room = Room()
+            self._room = Room(name=self._info.job.room.name or None)
             self._room.on("disconnected", self._room_disconnected)
         return self._room
 
@@ -397,8 +398,10 @@ class JobContext:
 
     @property
     def api(self) -> LiveKitAPI:
-        """A ``trio_agents.api.LiveKitAPI`` for the server the job came from (made on first use,
-        so a job that never calls the API never imports httpx)."""
+        """A ``trio_agents.api.LiveKitAPI`` for the server the job came from, with the agent
+        server's credentials (made on first use, so a job that never calls the API never
+        imports httpx). The same URL, key and secret are in the job process's environment as
+        ``LIVEKIT_URL``, ``LIVEKIT_API_KEY`` and ``LIVEKIT_API_SECRET``."""
         if self._api is None:
             from .api import LiveKitAPI
 
@@ -417,6 +420,45 @@ class JobContext:
         except TwirpError as exc:
             if exc.code != "not_found":
                 raise
+
+    async def add_sip_participant(self, *, call_to: str, trunk_id: str,
+                                  participant_identity: str,
+                                  participant_name: str = "SIP-participant"
+                                  ) -> sip.SIPParticipantInfo:
+        """Dial ``call_to`` (``+15550100`` or ``sip:user@host``) through the outbound trunk
+        ``trunk_id`` into the job's room, as ``participant_identity``.
+
+        Needs an outbound SIP trunk in LiveKit. Raises ``trio_agents.api.SIPError`` (an
+        unknown trunk is ``not_found``).
+        """
+        from livekit.protocol import sip
+
+        return await self.api.sip.create_sip_participant(sip.CreateSIPParticipantRequest(
+            room_name=self.room_name, participant_identity=participant_identity,
+            sip_trunk_id=trunk_id, sip_call_to=call_to, participant_name=participant_name))
+
+    async def transfer_sip_participant(self, participant: rtc.RemoteParticipant | str,
+                                       transfer_to: str, play_dialtone: bool = False
+                                       ) -> sip.SIPParticipantInfo:
+        """Transfer the caller ``participant`` (a SIP participant of the job's room, or its
+        identity) to ``transfer_to`` (``tel:+15550100`` or ``sip:user@host``); returns when
+        the transfer is done. Needs call transfer enabled on the SIP trunk.
+
+        Raises ``ValueError`` for a participant that is not a SIP one, and
+        ``trio_agents.api.SIPError`` when LiveKit refuses.
+        """
+        from livekit.protocol import sip
+
+        if isinstance(participant, str):
+            identity = participant
+        else:
+            if int(participant.kind) != ParticipantKind.SIP:
+                raise ValueError(f"participant {participant.identity!r} is not a SIP "
+                                 "participant; only callers can be transferred")
+            identity = participant.identity
+        return await self.api.sip.transfer_sip_participant(sip.TransferSIPParticipantRequest(
+            room_name=self.room_name, participant_identity=identity, transfer_to=transfer_to,
+            play_dialtone=play_dialtone))
 
     def __repr__(self) -> str:
         return f"<JobContext job={self.job.id} room={self.room_name!r}>"

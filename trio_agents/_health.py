@@ -11,6 +11,8 @@ Readiness and liveness are separate questions, so they have separate paths (the 
   process only when this fails; a server that is reconnecting is alive.
 * ``GET /worker`` — JSON about the server. Every field is always present and typed (the peer
   omits zero values and makes ``active_jobs`` a float).
+* ``GET /metrics`` — Prometheus metrics (``trio_agents._metrics``), when the server gives a
+  ``metrics`` function; the ``prometheus_port`` endpoint serves only this path.
 
 We bind the listening socket ourselves rather than give hypercorn a ``bind`` string: the port
 is then known exactly (``port=0`` asks for a random one), a busy port is a ``ConfigError`` raised
@@ -37,6 +39,8 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+#: Returns the ``/metrics`` body (the Prometheus text format).
+MetricsFn = Callable[[], Awaitable[bytes]]
 
 #: ``WorkerInfo.protocol_version`` of the peer's ``/worker``.
 PROTOCOL_VERSION: Final = 1
@@ -79,8 +83,9 @@ class HealthSource(Protocol):
 class HealthApp:
     """The ASGI application over a :class:`HealthSource`."""
 
-    def __init__(self, source: HealthSource) -> None:
+    def __init__(self, source: HealthSource | None, metrics: MetricsFn | None = None) -> None:
         self._source = source
+        self._metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -93,7 +98,14 @@ class HealthApp:
                     return
         if scope["type"] != "http":
             return
-        status, headers, body = self.respond(scope["method"], scope["path"])
+        if (scope["path"] == "/metrics" and self._metrics is not None
+                and scope["method"] in ("GET", "HEAD")):
+            from ._metrics import CONTENT_TYPE
+
+            status, headers, body = 200, [(b"content-type", CONTENT_TYPE.encode())], \
+                await self._metrics()
+        else:
+            status, headers, body = self.respond(scope["method"], scope["path"])
         await send({"type": "http.response.start", "status": status, "headers": [
             *headers, (b"content-length", str(len(body)).encode()),
             (b"cache-control", b"no-store")]})
@@ -102,12 +114,15 @@ class HealthApp:
     def respond(self, method: str, path: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """(status, headers, body) for a request: pure, so it is tested without a server."""
         text = [(b"content-type", b"text/plain; charset=utf-8")]
-        if path not in ("/", "/health/ready", "/health/live", "/worker"):
+        paths = (("/", "/health/ready", "/health/live", "/worker")
+                 if self._source is not None else ())
+        if path not in paths and not (path == "/metrics" and self._metrics is not None):
             return 404, text, b"not found"
         if method not in ("GET", "HEAD"):
             return 405, [*text, (b"allow", b"GET, HEAD")], b"method not allowed"
         if path == "/health/live":
             return 200, text, b"OK"
+        assert self._source is not None
         info = self._source.health()
         if path == "/worker":
             return 200, [(b"content-type", b"application/json")], worker_json(info)
@@ -168,10 +183,11 @@ async def _bind(host: str, port: int, backlog: int) -> socket.socket:
 
 
 async def serve_health(
-    source: HealthSource,
+    source: HealthSource | None,
     *,
     host: str,
     port: int,
+    metrics: MetricsFn | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -182,7 +198,9 @@ async def serve_health(
     :data:`GRACEFUL_TIMEOUT` to finish, then ``serve_health`` returns.
 
     Args:
-        source: asked for a :class:`HealthInfo` on every request.
+        source: asked for a :class:`HealthInfo` on every request; ``None`` serves only
+            ``/metrics`` (the ``prometheus_port`` endpoint).
+        metrics: returns the ``/metrics`` body; ``None``: no ``/metrics``.
         host: address to listen on; ``""`` is every IPv4 interface.
         port: TCP port; ``0`` picks a free one.
         shutdown_trigger: an async function whose return asks for a graceful stop.
@@ -205,7 +223,8 @@ async def serve_health(
         bound: int = sock.getsockname()[1]
         # hypercorn.trio.serve only takes bind strings; worker_serve (which serve calls after
         # wrapping the app) also takes the sockets we bound, so we know the port exactly.
-        app = wrap_app(HealthApp(source), config.wsgi_max_body_size,  # type: ignore[arg-type]
+        app = wrap_app(HealthApp(source, metrics),  # type: ignore[arg-type]
+                       config.wsgi_max_body_size,
                        "asgi")
         sockets = Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
 
@@ -215,8 +234,12 @@ async def serve_health(
 
         async with trio.open_nursery() as nursery:
             await nursery.start(run_hypercorn)
-            logger.info("health endpoint on http://%s:%d/", host or "0.0.0.0", bound,
-                        extra={"health_port": bound})
+            if source is not None:
+                logger.info("health endpoint on http://%s:%d/", host or "0.0.0.0", bound,
+                            extra={"health_port": bound})
+            else:
+                logger.info("Prometheus metrics on http://%s:%d/metrics", host or "0.0.0.0",
+                            bound, extra={"prometheus_port": bound})
             task_status.started(bound)
     finally:
         sock.close()  # hypercorn closes it when it served; not if cancelled while starting

@@ -162,6 +162,9 @@ class CpuLoad:
                               else "proc" if proc_stat.is_file() else "psutil")
         self._last: tuple[float, float] | None = None
         self._average = MovingAverage()
+        self.last: float | None = None
+        """The load of the last interval alone (``None`` before the second sample): what
+        admission learns a job's weight from, since the average lags a new job."""
 
     def sample(self, now: float) -> float:
         """Take one sample at ``now`` (a monotonic clock, seconds); returns the moving average."""
@@ -170,7 +173,10 @@ class CpuLoad:
         except (OSError, ValueError):
             return self._average.value
         self._last = current
-        return self._average.add(value) if value is not None else self._average.value
+        if value is None:
+            return self._average.value
+        self.last = value
+        return self._average.add(value)
 
     def _measure(self, now: float) -> tuple[tuple[float, float], float | None]:
         """The new counter pair and the load since the previous one (``None``: no load yet)."""

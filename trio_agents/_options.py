@@ -3,8 +3,9 @@
 ``ServerOptions`` (alias ``WorkerOptions``) is a frozen attrs class; a field may hold a
 ``ServerEnvOption(dev_default, prod_default)`` that is resolved when the server runs.
 ``resolve_options`` turns it into a ``RunConfig`` of plain values, reading ``LIVEKIT_URL``,
-``LIVEKIT_API_KEY``, ``LIVEKIT_API_SECRET``, ``LIVEKIT_AGENT_NAME`` and the proxy variables
-from the mapping it is given. Nothing here writes to ``os.environ``.
+``LIVEKIT_API_KEY``, ``LIVEKIT_API_SECRET``, ``LIVEKIT_AGENT_NAME``, ``PROMETHEUS_MULTIPROC_DIR`` and the proxy
+variables from the mapping it is given. Nothing here writes to ``os.environ``;
+``job_environment`` is what a job process gets on top of the server's environment.
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ class ServerOptions:
     """Returns the server's load 0..1; default is CPU utilisation over 2.5 s."""
     load_threshold: float | ServerEnvOption[float] = _EnvOpt(math.inf, 0.7)
     """At or above it the server reports ``WS_FULL`` and refuses offers."""
-    job_executor_type: JobExecutorType = JobExecutorType.PROCESS
+    job_executor_type: JobExecutorType = attrs.field(default=JobExecutorType.PROCESS,
+                                                     converter=JobExecutorType)
+    """``"process"`` or ``"thread"`` are taken too, as in livekit-agents."""
     job_memory_warn_mb: float = 1000.0
     job_memory_limit_mb: float = 0.0
     """0 disables the limit."""
@@ -149,6 +152,13 @@ class ServerOptions:
     port: int | ServerEnvOption[int] = _EnvOpt(0, 8081)
     http_proxy: str | None = None
     log_level: str | ServerEnvOption[str] = _EnvOpt("DEBUG", "INFO")
+    prometheus_port: int | None = None
+    """Also serve ``/metrics`` on this port (on ``host``); it is always on the health port."""
+    prometheus_multiproc_dir: str | None = None
+    """prometheus-client's multiprocess directory (default: ``PROMETHEUS_MULTIPROC_DIR``).
+    Set, it is emptied at start and given to job processes, and ``/metrics`` adds what job
+    processes record there with prometheus-client to the server's own metrics. Not needed
+    for the server's metrics, which the server process collects itself."""
     # -- ours: every timer is an option --------------------------------------------------------
     request_timeout: float = 2.5
     """Time ``request_fnc`` has to answer an offer; the server gives up after ~3 s."""
@@ -160,6 +170,12 @@ class ServerOptions:
     memory_sample_interval: float = 5.0
     load_sample_interval: float = 0.5
     status_interval: float = 2.5
+    server_ping_interval: float = 5.0
+    """How often the ``/agent`` connection is pinged (websocket ping)."""
+    server_ping_timeout: float = 10.0
+    """A LiveKit server that does not answer a ping within this is treated as gone: health
+    503, reconnect. Silence is noticed within ``server_ping_interval + server_ping_timeout``
+    (livekit-agents: about 46 s)."""
     use_zygote: bool = True
     """Fork job processes from a pre-imported template process (fast, memory shared);
     ``False`` starts each job process as a fresh interpreter."""
@@ -203,6 +219,8 @@ class RunConfig:
     port: int
     log_level: str
     http_proxy: str | None
+    prometheus_port: int | None = None
+    prometheus_multiproc_dir: str | None = None
 
 
 def resolve_options(
@@ -240,12 +258,17 @@ def resolve_options(
     idle = int(pick(options.num_idle_processes))
     if idle < 0:
         raise ConfigError(f"num_idle_processes must be >= 0, got {idle}")
+    prometheus_port = options.prometheus_port
+    if prometheus_port is not None and not 0 <= prometheus_port <= 65535:
+        raise ConfigError(f"prometheus_port must be a TCP port 0..65535 (0 picks a free one), "
+                          f"got {prometheus_port}")
     if options.max_retry < 0:
         raise ConfigError(f"max_retry must be >= 0, got {options.max_retry}")
     for name in (
         "drain_timeout", "shutdown_process_timeout", "initialize_process_timeout",
         "request_timeout", "assignment_timeout", "ping_interval", "ping_timeout",
         "memory_sample_interval", "load_sample_interval", "status_interval",
+        "server_ping_interval", "server_ping_timeout",
     ):
         if getattr(options, name) <= 0:
             raise ConfigError(f"{name} must be > 0 seconds, got {getattr(options, name)}")
@@ -261,4 +284,18 @@ def resolve_options(
         port=int(pick(options.port)),
         log_level=str(pick(options.log_level)).upper(),
         http_proxy=options.http_proxy or env.get("HTTPS_PROXY") or env.get("HTTP_PROXY") or None,
+        prometheus_port=prometheus_port,
+        prometheus_multiproc_dir=(options.prometheus_multiproc_dir
+                                  or env.get("PROMETHEUS_MULTIPROC_DIR") or None),
     )
+
+
+def job_environment(config: RunConfig) -> dict[str, str]:
+    """What a job process finds in its environment on top of the server's, as in
+    livekit-agents: the server's ``LIVEKIT_URL``, ``LIVEKIT_API_KEY`` and
+    ``LIVEKIT_API_SECRET`` (so LiveKit clients made in a job work unconfigured), and
+    ``PROMETHEUS_MULTIPROC_DIR`` when a multiprocess directory is set."""
+    env = {"LIVEKIT_URL": config.ws_url, "LIVEKIT_API_KEY": config.api_key,
+           "LIVEKIT_API_SECRET": config.api_secret,
+           "PROMETHEUS_MULTIPROC_DIR": config.prometheus_multiproc_dir or ""}
+    return {name: value for name, value in env.items() if value}

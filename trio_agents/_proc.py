@@ -49,7 +49,7 @@ from livekit.protocol import agent
 from . import _ipc
 from ._errors import InitializeTimeout, JobProcessError, RemoteProtocolError
 from ._jobs import RunningJobInfo, StatusReport, job_fields
-from ._options import RunConfig
+from ._options import RunConfig, job_environment
 from ._procutil import MARKER_ENV, kill_group, kill_marked
 from ._zygote import ForkedProcess, Zygote
 
@@ -102,6 +102,7 @@ class JobProcessHandle:
         self.pid = 0
         self.spawned_at = 0.0
         self.ready_at = 0.0
+        self.initialize_sent_at = 0.0
         self._process: trio.Process | ThreadRun | ForkedProcess | None = None
         self._chan: _ipc.IpcChannel | None = None
         self._life = trio.CancelScope()
@@ -202,7 +203,7 @@ class JobProcessHandle:
             else:
                 self._process = await trio.lowlevel.open_process(
                     argv, pass_fds=(theirs.fileno(),), start_new_session=True,
-                    env=child_environment(self.marker),
+                    env=child_environment(self.marker, self._config),
                 )
         except BaseException:
             ours.close()
@@ -216,6 +217,7 @@ class JobProcessHandle:
         assert self._process is not None and self._chan is not None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read_loop)
+            self.initialize_sent_at = trio.current_time()
             try:
                 await self._chan.send(self._init)
             except RemoteProtocolError:
@@ -469,11 +471,14 @@ class JobProcessHandle:
         return f"<JobProcessHandle pid={self.pid} {self.state.value}>"
 
 
-def child_environment(marker: str) -> dict[str, str]:
-    """The environment of a job process (or the zygote): ours, its marker, our sys.path."""
+def child_environment(marker: str, config: RunConfig | None = None) -> dict[str, str]:
+    """The environment of a job process (or the zygote): ours, its marker, our sys.path, and
+    the server's LiveKit URL and credentials (``job_environment``)."""
     env = dict(os.environ)
     env[MARKER_ENV] = marker
     env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
+    if config is not None:
+        env.update(job_environment(config))
     return env
 
 

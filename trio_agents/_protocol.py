@@ -174,6 +174,11 @@ class AgentProtocol:
             return Pong(message.pong.last_timestamp, message.pong.timestamp)
         return Ignored(f"server message {kind!r} is not handled by this worker")
 
+    @property
+    def open_offers(self) -> int:
+        """Offers received and not answered yet: each will put one answer on the wire."""
+        return len(self._offers)
+
     # -- outbound -------------------------------------------------------------------------------
 
     def register(self) -> agent.WorkerMessage:

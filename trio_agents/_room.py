@@ -27,8 +27,9 @@ import inspect
 import logging
 import math
 import typing
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
-from typing import Any, Final, Generic, TypeVar, final
+from typing import Any, ClassVar, Final, Generic, TypeVar, final
 
 import attrs
 import trio
@@ -37,7 +38,10 @@ from livekit import rtc
 from livekit.rtc.room import EventTypes
 
 from ._errors import RoomConnectError
-from ._util import reraise_unwrapped, sole_error
+from ._util import reraise_unwrapped, sole_error, tolerate_past_deadlines
+
+if typing.TYPE_CHECKING:
+    from ._media import AudioStream, VideoStream
 
 logger = logging.getLogger("trio_agents.room")
 
@@ -65,6 +69,16 @@ class Bridge:
         self.nursery = nursery
         self.abandon_pending = abandon_pending
         self.rooms: set[Room] = set()
+        #: Media streams still open (closed when the bridge ends: no native handle outlives it).
+        self.closers: set[Any] = set()
+
+    _by_loop: ClassVar[weakref.WeakValueDictionary[asyncio.AbstractEventLoop, Bridge]] = (
+        weakref.WeakValueDictionary())
+
+    @classmethod
+    def of_loop(cls, loop: asyncio.AbstractEventLoop) -> Bridge | None:
+        """The bridge that runs ``loop``, if it is one of ours."""
+        return cls._by_loop.get(loop)
 
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """``await fn(*args, **kwargs)`` on the asyncio loop; cancelling us cancels it there."""
@@ -88,13 +102,18 @@ async def open_bridge(*, abandon_pending: bool = False) -> AsyncIterator[Bridge]
     body_error: BaseException | None = None
     try:
         async with trio_asyncio.open_loop() as loop, trio.open_nursery() as nursery:
+            tolerate_past_deadlines(loop)
             bridge = Bridge(loop, nursery, abandon_pending=abandon_pending)
+            Bridge._by_loop[loop] = bridge
             try:
                 yield bridge
             except BaseException as exc:
                 body_error = exc
                 raise
             finally:
+                from ._media import close_all
+
+                await close_all(bridge.closers)
                 for room in list(bridge.rooms):
                     await room.disconnect()
                 if abandon_pending:
@@ -159,6 +178,56 @@ class ByteStream(_Stream[bytes]):
 
     async def read_all(self) -> bytes:
         return b"".join([chunk async for chunk in self])
+
+
+def _trio_member(bridge: Bridge, sdk: object, name: str) -> Any:
+    """``sdk.<name>`` for trio: coroutine methods become trio functions run on the bridge's
+    loop; objects the SDK hands back to be used with ``await`` (stream writers) are wrapped
+    the same way; properties and sync methods are returned as they are."""
+    if name.startswith("_"):
+        raise AttributeError(name)
+    value = getattr(sdk, name)
+    if not inspect.iscoroutinefunction(value):
+        return value
+
+    @functools.wraps(value)
+    async def trio_method(*args: Any, **kwargs: Any) -> Any:
+        result = await bridge.call(value, *args, **kwargs)
+        return AioObject(bridge, result) if _has_coroutines(result) else result
+
+    return trio_method
+
+
+def _has_coroutines(obj: object) -> bool:
+    return not isinstance(obj, (str, bytes, int, float, type(None), rtc.TrackPublication)) and any(
+        inspect.iscoroutinefunction(getattr(type(obj), n, None))
+        for n in dir(type(obj)) if not n.startswith("_"))
+
+
+@final
+class AioObject:
+    """An SDK object (e.g. the writer of ``stream_text``) whose coroutine methods are trio
+    functions here; everything else is the object's own. ``aio_object`` is the object."""
+
+    def __init__(self, bridge: Bridge, obj: object) -> None:
+        self._bridge = bridge
+        self.aio_object = obj
+
+    def __getattr__(self, name: str) -> Any:
+        return _trio_member(self._bridge, self.aio_object, name)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(dir(self.aio_object)))
+
+    async def __aenter__(self) -> AioObject:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if hasattr(self.aio_object, "aclose"):
+            await self._bridge.call(self.aio_object.aclose)
+
+    def __repr__(self) -> str:
+        return f"<trio face of {self.aio_object!r}>"
 
 
 @final
@@ -262,6 +331,33 @@ class LocalParticipant:
     async def set_attributes(self, attributes: Mapping[str, str]) -> None:
         await self._bridge.call(self._sdk.set_attributes, dict(attributes))
 
+    # -- media --------------------------------------------------------------------------------
+
+    @property
+    def track_publications(self) -> Mapping[str, rtc.LocalTrackPublication]:
+        """The agent's published tracks, by track sid (the SDK's objects, always current)."""
+        return self._sdk.track_publications
+
+    async def publish_track(self, track: rtc.LocalTrack, options: rtc.TrackPublishOptions | None
+                            = None) -> rtc.LocalTrackPublication:
+        """Publish a local track (``rtc.LocalAudioTrack.create_audio_track(name, source)`` with
+        a ``trio_agents.room.AudioSource``, or a video track) and wait until LiveKit has it."""
+        return await self._bridge.call(self._sdk.publish_track, track,
+                                       options if options is not None else rtc.TrackPublishOptions())
+
+    async def unpublish_track(self, track_sid: str) -> None:
+        await self._bridge.call(self._sdk.unpublish_track, track_sid)
+
+    # -- everything else of rtc.LocalParticipant ----------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        """The rest of ``rtc.LocalParticipant``: its coroutine methods as trio functions
+        (``stream_text``, ``send_file``, ``publish_dtmf``, ...), its properties as they are."""
+        return _trio_member(self._bridge, self._sdk, name)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | {n for n in dir(self._sdk) if not n.startswith("_")})
+
     def __repr__(self) -> str:
         return f"<LocalParticipant identity={self.identity!r}>"
 
@@ -279,7 +375,8 @@ class Room:
     cancelled; a ``Room`` connects once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, name: str | None = None) -> None:
+        self._name = name  # known before connecting when a job made us (the job's room)
         self._sdk: rtc.Room | None = None
         self._bridge: Bridge | None = None
         self._local: LocalParticipant | None = None
@@ -306,6 +403,9 @@ class Room:
 
     @property
     def name(self) -> str:
+        """The room's name: the job's room even before ``connect()``."""
+        if self._sdk is None and self._name is not None:
+            return self._name
         return self._connected()[0].name
 
     @property
@@ -340,6 +440,38 @@ class Room:
         if self._sdk is None or self._bridge is None:
             raise RuntimeError("the room is not connected yet: call `await ctx.connect()` first")
         return self._sdk, self._bridge
+
+    def __getattr__(self, name: str) -> Any:
+        """The rest of ``rtc.Room`` (``num_participants``, ``e2ee_manager``,
+        ``get_rtc_stats``, ...): coroutine methods as trio functions, the rest as it is."""
+        if name.startswith("_") or not hasattr(rtc.Room, name):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        sdk, bridge = self._connected()
+        return _trio_member(bridge, sdk, name)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | {n for n in dir(rtc.Room) if not n.startswith("_")})
+
+    # -- media --------------------------------------------------------------------------------
+
+    def audio_stream(self, track: rtc.Track, *, sample_rate: int = 48000, num_channels: int = 1,
+                     capacity: int | None = None, frame_size_ms: int | None = None) -> AudioStream:
+        """The frames of ``track`` as a trio async iterator (``async with`` closes it);
+        resampled to ``sample_rate``/``num_channels``. See ``trio_agents.room.AudioStream``."""
+        from ._media import AUDIO_CAPACITY, AudioStream
+
+        return AudioStream(track, sample_rate=sample_rate, num_channels=num_channels,
+                           capacity=AUDIO_CAPACITY if capacity is None else capacity,
+                           frame_size_ms=frame_size_ms, room=self)
+
+    def video_stream(self, track: rtc.Track, *, format: Any = None,
+                     capacity: int | None = None) -> VideoStream:
+        """The frames of a video ``track`` as a trio async iterator (``format``: an
+        ``rtc.VideoBufferType`` to convert to, e.g. ``RGBA``)."""
+        from ._media import VIDEO_CAPACITY, VideoStream
+
+        return VideoStream(track, format=format,
+                           capacity=VIDEO_CAPACITY if capacity is None else capacity, room=self)
 
     # -- events -------------------------------------------------------------------------------
 
@@ -378,6 +510,18 @@ class Room:
             if not callable(fn):
                 raise TypeError(f"room event callback {fn!r} is not callable")
             self._callbacks.setdefault(event, []).append(fn)
+            return fn
+
+        return register if callback is None else register(callback)
+
+    def once(self, event: str, callback: C | None = None) -> C | Callable[[C], C]:
+        """Like ``on``, for the next ``event`` only."""
+        def register(fn: C) -> C:
+            def one_shot(*args: Any) -> object:
+                self.off(event, one_shot)
+                return fn(*args)
+
+            self.on(event, one_shot)
             return fn
 
         return register if callback is None else register(callback)
@@ -450,6 +594,16 @@ class Room:
         self._byte_handlers[topic] = handler
         if self._sdk is not None:
             self._install_bytes(topic)
+
+    def unregister_text_stream_handler(self, topic: str) -> None:
+        self._text_handlers.pop(topic, None)
+        if self._sdk is not None:
+            self._sdk.unregister_text_stream_handler(topic)
+
+    def unregister_byte_stream_handler(self, topic: str) -> None:
+        self._byte_handlers.pop(topic, None)
+        if self._sdk is not None:
+            self._sdk.unregister_byte_stream_handler(topic)
 
     def _install_text(self, topic: str) -> None:
         sdk, bridge = self._connected()

@@ -6,7 +6,8 @@ Theory of operation
 ::
 
     AgentServer.run(*, task_status)          started(worker_id) once registered
-    ├── health server                        hypercorn on trio; started(bound port)
+    ├── health server                        hypercorn on trio; started(bound port); /metrics
+    ├── metrics server                       only with prometheus_port: /metrics alone
     ├── job supervisor                       idle pool + one task per job process
     └── control plane                        /agent connection, offers, status, load
 
@@ -15,9 +16,16 @@ are done or its budget ran out, ``aclose()``, or the control plane failing for g
 
 1. cancel the supervisor: every job process left goes through the shutdown escalation
    (IPC shutdown → SIGTERM → SIGKILL of its process group) and reports a final status;
-2. flush those statuses to LiveKit (bounded);
-3. cancel the rest; ``run`` returns once every child is reaped, or raises the control plane's
-   terminal error (``AuthenticationError``, ``ServerConnectionError``).
+2. flush those statuses to LiveKit (bounded: ``FLUSH_TIMEOUT``);
+3. close the websocket with a close handshake, its reader still running so that the peer's
+   answer is read at once (bounded: ``CLOSE_TIMEOUT``);
+4. cancel the rest (the health server); ``run`` returns once every child is reaped.
+
+If the control plane fails for good (``AuthenticationError``, ``ServerConnectionError``) or a
+part cannot start (a busy health port: ``ConfigError``), the error propagates: it cancels the
+nursery (job processes still go through their shielded escalation) and leaves ``run`` as
+itself, not as an exception group around it (``_util.unwrap_errors``, the one place that
+does this).
 
 Cancelling the scope around ``run`` from outside is a hard stop: the escalation still runs for
 every job process, but final statuses may not reach LiveKit.
@@ -48,12 +56,14 @@ from ._options import (
     SetupFnc,
     resolve_options,
 )
+from ._util import unwrap_errors
 
 if TYPE_CHECKING:
     # imported when the server runs: job processes import the user's module (and so this
     # one) and should not pay for the websocket stack
     from ._control import ControlPlane, OpenStream
     from ._health import HealthInfo
+    from ._metrics import ServerMetrics, ServerState
 
 logger = logging.getLogger("trio_agents")
 
@@ -108,11 +118,13 @@ class AgentServer:
         self._config: RunConfig | None = None
         self._control: ControlPlane | None = None
         self._supervisor: JobSupervisor | None = None
-        self._failure: TrioAgentsError | None = None
         self._stop = trio.Event()
         self._stopped = trio.Event()
         self._drained_cleanly = False
+        self._metrics: ServerMetrics | None = None
         self.health_port = 0
+        self.prometheus_port = 0
+        """The bound ``prometheus_port`` (0 when not serving one)."""
 
     @classmethod
     def from_server_options(cls, options: ServerOptions) -> AgentServer:
@@ -218,7 +230,9 @@ class AgentServer:
 
     @property
     def active_jobs(self) -> list[RunningJobInfo]:
-        return list(self._supervisor.running_jobs) if self._supervisor else []
+        """Every job from its acceptance until its final status (what ``load_fnc(server)``
+        should count; a job not yet assigned has an empty ``token``)."""
+        return self._control.active_jobs if self._control else []
 
     @property
     def draining(self) -> bool:
@@ -227,6 +241,23 @@ class AgentServer:
     @property
     def registered(self) -> bool:
         return self._control.registered if self._control else False
+
+    @property
+    def metrics(self) -> ServerMetrics | None:
+        """The Prometheus metrics of the current (or last) run; ``None`` before ``run``."""
+        return self._metrics
+
+    def _metrics_state(self) -> ServerState:
+        from ._metrics import ServerState, job_pids
+
+        control = self._control
+        return ServerState(
+            active_jobs=len(self.active_jobs),
+            load=control.capacity.load if control else 0.0,
+            draining=self.draining,
+            registered=self.registered,
+            job_pids=job_pids(getattr(self._supervisor, "job_processes", ())),
+        )
 
     def health(self) -> HealthInfo:
         """A snapshot for the health endpoint (``/`` readiness, ``/worker``)."""
@@ -273,8 +304,11 @@ class AgentServer:
                 ``trio_agents.testing`` uses to run against an in-memory dev server.
         Raises:
             ConfigError: bad options, a missing ``LIVEKIT_*`` variable, a non-async entrypoint,
-                a busy health port, or credentials LiveKit rejected (``AuthenticationError``).
+                or a busy health port.
+            AuthenticationError: (a ``ConfigError``) LiveKit rejected the key or secret.
             ServerConnectionError: LiveKit could not be reached after ``max_retry`` attempts.
+
+        Each is raised as itself, never wrapped in an exception group.
         """
         if self._running:
             raise RuntimeError("this AgentServer is already running")
@@ -289,8 +323,9 @@ class AgentServer:
         if config.options.request_fnc is not None:
             _require_async(config.options.request_fnc, "request_fnc/on_request")
 
-        from ._control import ControlPlane, open_tcp_stream
+        from ._control import CLOSE_TIMEOUT, ControlPlane, open_tcp_stream
         from ._health import serve_health
+        from ._metrics import ServerMetrics, prepare_multiproc_dir
         from ._supervisor import ProcessSupervisor
 
         logger.debug(
@@ -303,67 +338,71 @@ class AgentServer:
             })
         self._running = True
         self._config = config
-        self._failure = None
         self._stop = trio.Event()
         self._stopped = trio.Event()
-        supervisor = ProcessSupervisor(config, report=self._report_job_status)
+        if config.prometheus_multiproc_dir:
+            prepare_multiproc_dir(config.prometheus_multiproc_dir)
+        metrics = self._metrics = ServerMetrics(multiproc_dir=config.prometheus_multiproc_dir)
+        metrics.state = self._metrics_state
+        supervisor = ProcessSupervisor(config, report=self._report_job_status, metrics=metrics)
         control = ControlPlane(
             config,
             supervisor=supervisor,
             request_fnc=config.options.request_fnc,
             load_sampler=self._load_sampler(config),
             open_stream=open_stream or open_tcp_stream,
+            metrics=metrics,
         )
         self._supervisor, self._control = supervisor, control
         try:
-            async with trio.open_nursery() as root:
-                self.health_port = await root.start(
-                    partial(serve_health, self, host=config.options.host, port=config.port)
-                )
-                jobs_scope = trio.CancelScope()
-                jobs_done = trio.Event()
-                await root.start(_run_supervisor, supervisor, jobs_scope, jobs_done)
-                ready = _Ready()
-                root.start_soon(self._run_control, control, ready)
-                with trio.CancelScope() as waiting:
-                    root.start_soon(_cancel_when, self._stop, waiting)
-                    await ready.event.wait()
-                    task_status.started(ready.value)
-                    await self._stop.wait()
-                jobs_scope.cancel()
-                await jobs_done.wait()
-                with trio.move_on_after(FLUSH_TIMEOUT):
-                    await control.flush()
-                self._stopped.set()
-                root.cancel_scope.cancel()
+            # errors leave the nursery by propagating; the one TrioAgentsError among them is
+            # raised as itself (the Raises: above), never as a group around it
+            with unwrap_errors(TrioAgentsError):
+                async with trio.open_nursery() as root:
+                    self.health_port = await root.start(partial(
+                        serve_health, self, host=config.options.host, port=config.port,
+                        metrics=metrics.scrape))
+                    if config.prometheus_port is not None:
+                        self.prometheus_port = await root.start(partial(
+                            serve_health, None, host=config.options.host,
+                            port=config.prometheus_port, metrics=metrics.scrape))
+                    jobs_scope = trio.CancelScope()
+                    jobs_done = trio.Event()
+                    await root.start(_run_supervisor, supervisor, jobs_scope, jobs_done)
+                    ready = _Ready()
+                    control_done = trio.Event()
+                    root.start_soon(_run_control, control, ready, control_done)
+                    with trio.CancelScope() as waiting:
+                        root.start_soon(_cancel_when, self._stop, waiting)
+                        await ready.event.wait()
+                        task_status.started(ready.value)
+                        await self._stop.wait()
+                    jobs_scope.cancel()
+                    await jobs_done.wait()
+                    with trio.move_on_after(FLUSH_TIMEOUT):
+                        await control.flush()
+                    # a close handshake while the websocket's reader still runs: the peer's
+                    # answer is read at once, so nothing waits for CLOSE_TIMEOUT
+                    control.close()
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await control_done.wait()
+                    self._stopped.set()
+                    root.cancel_scope.cancel()  # the health server
         finally:
             self._stopped.set()
             self._running = False
-        if self._failure is not None:
-            raise self._failure
-
-    async def _run_control(self, control: ControlPlane, ready: _Ready) -> None:
-        try:
-            await control.run(task_status=ready)
-        except TrioAgentsError as exc:
-            self._failure = exc  # raised by run(); the caller decides how to report it
-            self._stop.set()
 
     def _report_job_status(self, job_id: str, status: int, error: str) -> None:
+        if self._metrics is not None:
+            info = next((i for i in self.active_jobs if i.job.id == job_id), None)
+            self._metrics.job_status(job_id, status, error, info.received_at if info else None)
         if self._control is not None:
             self._control.report_job_status(job_id, status, error)
 
-    def _load_sampler(self, config: RunConfig) -> Callable[[], Any]:
+    def _load_sampler(self, config: RunConfig) -> Callable[[], Any] | None:
         fnc = config.options.load_fnc
         if fnc is None:
-            from ._load import CpuLoad
-
-            cpu = CpuLoad()
-
-            async def sample_cpu() -> float:
-                return cpu.sample(trio.current_time())
-
-            return sample_cpu
+            return None  # the control plane's own CPU load (it learns a per-job weight)
         args: tuple[Any, ...] = () if _arity(fnc) == 0 else (self,)
         if inspect.iscoroutinefunction(fnc):
             async def sample_async() -> object:
@@ -371,8 +410,27 @@ class AgentServer:
 
             return sample_async
 
+        name = getattr(fnc, "__qualname__", repr(fnc))
+
         async def sample_in_thread() -> object:
-            return await trio.to_thread.run_sync(fnc, *args)
+            returned = False
+
+            def call() -> object:
+                nonlocal returned
+                try:
+                    return fnc(*args)
+                finally:
+                    returned = True
+
+            try:
+                # abandoned when cancelled: a load_fnc that hangs must not hold the server up
+                return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+            except trio.Cancelled:
+                if not returned:
+                    logger.warning("load_fnc %s did not return before the server stopped; "
+                                   "abandoning its thread (make it return quickly: it is "
+                                   "called every load_sample_interval)", name)
+                raise
 
         return sample_in_thread
 
@@ -382,7 +440,8 @@ class AgentServer:
 
         Returns True if every job finished by itself, False if some had to be shut down
         (the budget ran out, or ``aclose()`` was called meanwhile). Calling it again while a
-        drain runs waits for the same stop.
+        drain runs waits for the same stop. It raises nothing of the server's: if the server
+        fails meanwhile, ``run`` raises that, and ``drain`` returns.
         """
         control = self._control
         if not self._running or control is None or self._supervisor is None:
@@ -406,7 +465,8 @@ class AgentServer:
         return self._drained_cleanly
 
     async def aclose(self) -> None:
-        """Stop now: running jobs are shut down through the escalation. Idempotent."""
+        """Stop now: running jobs are shut down through the escalation; returns once the
+        server stopped. Idempotent. Raises nothing of the server's (``run`` raises that)."""
         if not self._running:
             return
         self._stop.set()
@@ -429,6 +489,13 @@ async def _run_supervisor(
     try:
         with scope:
             await supervisor.run(task_status=task_status)
+    finally:
+        done.set()
+
+
+async def _run_control(control: ControlPlane, ready: _Ready, done: trio.Event) -> None:
+    try:
+        await control.run(task_status=ready)
     finally:
         done.set()
 

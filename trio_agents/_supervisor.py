@@ -36,7 +36,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Final, final
+from typing import TYPE_CHECKING, Final, final
 
 import attrs
 import trio
@@ -51,6 +51,9 @@ from ._options import JobExecutorType, RunConfig
 from ._proc import JobProcessHandle, NotHandedOver, State, child_environment
 from ._zygote import ZYGOTE_SINGLE_THREADED
 from ._zygote import Zygote
+
+if TYPE_CHECKING:
+    from ._metrics import ServerMetrics
 
 logger = logging.getLogger("trio_agents.supervisor")
 
@@ -96,8 +99,10 @@ class ProcessSupervisor:
     are not enforced.
     """
 
-    def __init__(self, config: RunConfig, *, report: StatusReport) -> None:
+    def __init__(self, config: RunConfig, *, report: StatusReport,
+                 metrics: ServerMetrics | None = None) -> None:
         opts = config.options
+        self._metrics = metrics
         if opts.entrypoint_fnc is None:
             raise ConfigError("no entrypoint: register one with @server.rtc_session()")
         self._config = config
@@ -132,7 +137,7 @@ class ProcessSupervisor:
             preload = [ref.module if not ref.path else f"file:{ref.path}"
                        for ref in (self._init.entrypoint, self._init.setup,
                                    self._init.session_end) if ref is not None]
-            env = child_environment(f"{self._token}/zygote/")
+            env = child_environment(f"{self._token}/zygote/", config)
             for var in ZYGOTE_SINGLE_THREADED:  # numpy's BLAS would start threads on import
                 env.setdefault(var, "1")
             self._zygote = Zygote(env, preload)
@@ -293,6 +298,8 @@ class ProcessSupervisor:
         handle = self._make_handle(f"{self._token}/{self._counter}/")  # "/": 1/ is no prefix of 10/
         async with self._init_limiter:
             started: JobProcessHandle = await nursery.start(self._supervise, handle)
+        if self._metrics is not None:
+            self._metrics.process_ready(started)
         self._failures = 0
         self._last_failure = ""
         return started

@@ -19,7 +19,7 @@ import attrs
 import pytest
 import trio
 
-from room_helpers import Endpoint
+from room_helpers import Backend as Endpoint
 from livekit_server import LiveKitServer, find_binary, open_livekit_server
 from trio_agents import AgentServer
 from trio_agents._options import EntrypointFnc, RequestFnc
@@ -221,7 +221,7 @@ async def backend(backend_kind: tuple[str, Path | None], rtc_address: str,
     """Each scenario runs against livekit-server (marked ``realserver``) and the dev server."""
     _, binary = backend_kind
     if binary is not None:
-        async with open_livekit_server(binary, tmp_path, node_ip=rtc_address) as server:
+        async with open_livekit_server(rtc_address, binary=binary, workdir=tmp_path) as server:
             yield RealBackend(server)
             # shown by pytest only if the test failed
             print(f"livekit-server log, last lines:\n{server.tail(80)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import secrets
 import string
@@ -66,15 +67,25 @@ def select_worker(
     """
     available = [c for c in candidates if c.status == agent.WS_AVAILABLE]
     target = float32(target_load)  # loads are float32 on the wire and in the server
-    if first_attempt and sum(max(0.0, target - c.load) for c in available) <= 0:
+    # Go's max(0, x) is NaN for a NaN x: a NaN load makes the claim NaN, never > 0.
+    if first_attempt and not sum(_go_max0(target - c.load) for c in available) > 0:
         return None, "unavailable: no servers available"
     pool = [c for c in available if c.worker_id not in tried]
-    weights = [max(0.0, 1.0 - c.load) for c in pool]
+    weights = [_go_max0(1.0 - c.load) for c in pool]
     if not pool:
         return None, "no workers available"
-    if sum(weights) <= 0:
+    total = sum(weights)
+    if total == 0:
         return None, "no workers with sufficient capacity"
+    if not math.isfinite(total):
+        # A load of -inf (or NaN) makes Go's weighted scan run through inf/NaN without ever
+        # landing, and selectWorkerWeightedByLoad falls back to the key's first worker.
+        return candidates[0].worker_id, ""
     return rng.choices(pool, weights=weights)[0].worker_id, ""
+
+
+def _go_max0(value: float) -> float:
+    return value if math.isnan(value) else max(0.0, value)
 
 
 def validate_deployment(deployment: str) -> str | None:

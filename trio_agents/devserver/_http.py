@@ -12,9 +12,10 @@ stream with no close frame (the client sees 1006).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, TypeVar, final
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 import h11
@@ -38,7 +39,14 @@ PING_WRITE_TIMEOUT: Final = 2.0
 #: How long ``close`` waits for the peer's close frame.
 CLOSE_ECHO_TIMEOUT: Final = 1.0
 RECEIVE_SIZE: Final = 65536
-MAX_HEAD: Final = 64 * 1024
+#: Go's ``http.DefaultMaxHeaderBytes`` plus the 4 KiB slack its server allows; a longer
+#: request head is answered 431.
+MAX_HEAD: Final = (1 << 20) + 4096
+#: After an error answer with ``Connection: close``, how long what the client still sends is
+#: read and discarded (Go's ``rstAvoidanceDelay``), so that closing does not reset the
+#: connection before the client has read the answer.
+LINGER: Final = 0.5
+LINGER_BYTES: Final = 4 << 20
 
 
 @final
@@ -164,7 +172,7 @@ class WebSocket:
                 except WebSocketClosed:
                     return
             if write.cancelled_caught:
-                logger.info("websocket ping not written within %s s: closing", PING_WRITE_TIMEOUT)
+                logger.debug("websocket ping not written within %s s: closing", PING_WRITE_TIMEOUT)
                 await self.abort()
                 return
 
@@ -190,10 +198,13 @@ class WebSocket:
                                  else event.data)
                     size += len(event.data)
                     if size > MAX_MESSAGE:
-                        logger.info("websocket message over %d bytes: closing", MAX_MESSAGE)
+                        logger.debug("websocket message over %d bytes: closing", MAX_MESSAGE)
                         return
                     if event.message_finished:
-                        await self._messages_send.send(_join(parts))
+                        try:
+                            await self._messages_send.send(_join(parts))
+                        except trio.ClosedResourceError:
+                            return  # the session ended (``abort``) while this was read
                         parts, size = [], 0
             if self._closed:
                 return
@@ -234,8 +245,8 @@ def decode_frame(data: bytes | str, message_type: type[M]) -> M:
             message.ParseFromString(data)
         else:
             json_format.Parse(data, message)
-    except (DecodeError, json_format.ParseError) as exc:
-        raise ValueError(str(exc)) from exc
+    except (DecodeError, json_format.ParseError, RecursionError) as exc:
+        raise ValueError(str(exc) or type(exc).__name__) from exc
     return message
 
 
@@ -248,42 +259,74 @@ Handler = Callable[[Request], Awaitable["Response | SessionHandler"]]
 async def serve_http(stream: trio.abc.Stream, handler: Handler) -> None:
     """Serve one connection: requests (keep-alive) until it closes or upgrades.
 
-    Malformed requests get a plain-text 4xx and the connection is closed; they never raise.
-    The stream is closed on return.
+    Malformed requests get a plain-text 4xx and the connection is closed. Nothing raises out
+    of it (cancellation aside): this is the error boundary of one connection. An error of
+    ours while serving it is logged, answered 500 if no answer was started, and the
+    connection closed; the server and its other connections go on. The stream is closed on
+    return.
     """
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     try:
-        while True:
-            request = await _read_request(stream, conn)
-            if request is None:
-                return
-            if isinstance(request, Response):
-                await _respond(stream, conn, request, close=True)
-                return
-            result = await handler(request)
-            if isinstance(result, Response):
-                await _respond(stream, conn, result, close=request.wants_websocket)
-                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                    return
-                conn.start_next_cycle()
-                continue
-            if not request.wants_websocket:
-                raise AssertionError("a session handler for a request that is not an upgrade")
-            ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
-            try:
-                ws.initiate_upgrade_connection(list(request.raw_headers), request.target)
-            except wsproto.utilities.RemoteProtocolError as exc:
-                await _respond(stream, conn, Response(400, f"websocket: {exc}".encode()),
-                               close=True)
-                return
-            await stream.send_all(ws.send(ws_events.AcceptConnection()))
-            await _run_session(stream, ws, conn.trailing_data[0], result)
-            return
+        await _serve(stream, conn, handler)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return
+        pass
+    except Exception:
+        logger.exception("a connection failed on an error of the dev server; closing it "
+                         "(the server goes on)")
+        if conn.our_state is h11.SEND_RESPONSE:
+            with trio.move_on_after(CLOSE_ECHO_TIMEOUT):
+                try:
+                    await _respond(stream, conn, Response(500, b"internal server error\n"),
+                                   close=True)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
     finally:
         with trio.CancelScope(shield=True):
             await stream.aclose()
+
+
+async def _serve(stream: trio.abc.Stream, conn: h11.Connection, handler: Handler) -> None:
+    while True:
+        request = await _read_request(stream, conn)
+        if request is None:
+            return
+        if isinstance(request, Response):
+            await _respond(stream, conn, request, close=True)
+            await _linger(stream)
+            return
+        result = await handler(request)
+        if isinstance(result, Response):
+            await _respond(stream, conn, result, close=request.wants_websocket)
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return
+            conn.start_next_cycle()
+            continue
+        if not request.wants_websocket:
+            raise AssertionError("a session handler for a request that is not an upgrade")
+        ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+        try:
+            ws.initiate_upgrade_connection(list(request.raw_headers), request.target)
+        except wsproto.utilities.RemoteProtocolError as exc:
+            await _respond(stream, conn, Response(400, f"websocket: {exc}".encode()),
+                           close=True)
+            return
+        await stream.send_all(ws.send(ws_events.AcceptConnection()))
+        await _run_session(stream, ws, conn.trailing_data[0], result)
+        return
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Half-close, then read and drop what the client still sends, for a moment: closing a
+    socket with unread data resets it, and the client would lose the answer just sent."""
+    with trio.move_on_after(LINGER):
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+        discarded = 0
+        while discarded < LINGER_BYTES:
+            data = await stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                return
+            discarded += len(data)
 
 
 async def _run_session(stream: trio.abc.Stream, ws: wsproto.WSConnection, initial: bytes,
@@ -301,6 +344,7 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> Reques
     """The next request, a ``Response`` refusing it (400, 413), or ``None`` at EOF."""
     head: h11.Request | None = None
     body = bytearray()
+    received = 0  # this cycle's bytes: h11 bounds only a head that is still incomplete
     while True:
         try:
             event = conn.next_event()
@@ -310,10 +354,14 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> Reques
             if conn.they_are_waiting_for_100_continue:
                 await stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[]))
                                       or b"")
-            conn.receive_data(bytes(await stream.receive_some(RECEIVE_SIZE)))
+            data = bytes(await stream.receive_some(RECEIVE_SIZE))
+            received += len(data)
+            conn.receive_data(data)
         elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
             return None
         elif isinstance(event, h11.Request):
+            if received - len(conn.trailing_data[0]) > MAX_HEAD:
+                return Response(431, b"431 Request Header Fields Too Large")
             head = event
             length = dict(event.headers).get(b"content-length", b"0")
             if length.isdigit() and int(length) > MAX_BODY:
@@ -325,16 +373,45 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> Reques
         elif isinstance(event, h11.EndOfMessage):
             assert head is not None
             target = head.target.decode("latin-1")
-            parts = urlsplit(target)
+            try:
+                path, query = split_target(target)
+            except ValueError as exc:
+                return Response(400, f"bad request: {exc}".encode())
             return Request(
                 method=head.method.decode("latin-1"),
                 target=target,
-                path=parts.path,
-                query=parse_qs(parts.query, keep_blank_values=True),
+                path=path,
+                query=parse_qs(query, keep_blank_values=True),
                 headers={k.decode("latin-1"): v.decode("latin-1") for k, v in head.headers},
                 raw_headers=tuple((bytes(k), bytes(v)) for k, v in head.headers),
                 body=bytes(body),
             )
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """A request target's path (percent-decoded) and raw query, as Go's
+    ``url.ParseRequestURI`` reads them: a target starting with "/" is a path (``//[`` too:
+    no authority is parsed there); an absolute URL is parsed. Raises ``ValueError`` for what
+    is neither, or for a bad percent escape (Go answers 400)."""
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+    elif target == "*":
+        return target, ""
+    else:
+        parts = urlsplit(target)  # ValueError for e.g. "http://[": an unclosed IPv6 host
+        if not parts.scheme:
+            raise ValueError(f"invalid request target {target[:100]!r}")
+        path, query = parts.path or "/", parts.query
+    if _BAD_ESCAPE.search(path):
+        raise ValueError(f"invalid URL escape in {path[:100]!r}")
+    # Go's ServeMux matches unescaped segments: an escaped "/" stays inside its segment
+    path = unquote(_ESCAPED_SLASH.sub("%252F", path), errors="replace")
+    # livekit-server's RemoveDoubleSlashes middleware: "//agent" is "/agent"
+    return (path[1:] if path.startswith("//") else path), query
+
+
+_BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ESCAPED_SLASH: Final = re.compile("%2[fF]")
 
 
 async def _respond(stream: trio.abc.Stream, conn: h11.Connection, response: Response, *,

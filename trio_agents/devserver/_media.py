@@ -6,9 +6,9 @@ never imports aiortc). ``Peer`` is one participant's peer connection: it answers
 offer, takes the client's trickled candidates, and reports what happens on it (connection
 state, data channel messages) to trio through a memory channel.
 
-Only the data side is modelled: the client's ``_reliable`` and ``_lossy`` channels carry
-``DataPacket``s both ways (the client listens on the channels it created, in single- as in
-dual-PC mode); media sections of the offer are answered inactive.
+The client's ``_reliable`` and ``_lossy`` channels carry ``DataPacket``s both ways (the client
+listens on the channels it created); the media it sends arrives as tracks (``_tracks.py``
+forwards them to subscribers on a peer connection of their own, which the server offers).
 
 WebRTC never uses loopback, so aiortc is told which one host address to advertise
 (``rtc_address``); it must not add a public STUN server either (``iceServers=[]``).
@@ -105,12 +105,14 @@ class PeerEvent:
 
     ``kind``: ``"state"`` (``value`` = the new connection state: ``connected``, ``failed``,
     ``closed``, ...), ``"channel"`` (``value`` = the label of a data channel now open) or
-    ``"data"`` (``value`` = the label, ``payload`` = the message).
+    ``"data"`` (``value`` = the label, ``payload`` = the message) or ``"track"`` (``value`` =
+    the track's id, the client's ``cid``; ``obj`` = ``(track, transceiver)``: media arrived).
     """
 
     kind: str
     value: str
     payload: bytes = b""
+    obj: Any = None
 
 
 @final
@@ -142,7 +144,10 @@ class MediaHost:
                    ) -> None:
         import trio_asyncio
 
+        from .._util import tolerate_past_deadlines
+
         async with trio_asyncio.open_loop() as loop:
+            tolerate_past_deadlines(loop)
             self._loop = loop
             task_status.started()
             try:
@@ -192,6 +197,11 @@ async def _new_peer_connection(peer: Peer) -> RTCPeerConnection:
     @pc.on("datachannel")
     def on_channel(channel: RTCDataChannel) -> None:
         peer.adopt(channel)
+
+    @pc.on("track")
+    def on_track(track: Any) -> None:
+        transceiver = next((t for t in pc.getTransceivers() if t.receiver.track is track), None)
+        peer.post(PeerEvent("track", track.id, obj=(track, transceiver)))
 
     return pc
 

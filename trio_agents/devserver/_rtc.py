@@ -26,9 +26,11 @@ import io
 import json
 import logging
 import math
+import re
 import time
+import zlib
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, NoReturn, final
 
 import attrs
 import trio
@@ -44,7 +46,9 @@ from ._dispatch import (
     new_id,
 )
 from ._http import Request, Response, WebSocket, WebSocketClosed, decode_frame, encode_frame
+from . import _tracks
 from ._media import LOSSY, RELIABLE, Peer, PeerEvent
+from ._tracks import Publication, SubscriberPeer
 
 if TYPE_CHECKING:
     from ._records import RoomInfo
@@ -105,6 +109,7 @@ class JoinParams:
     single_pc: bool
     publisher_offer: rtc.SessionDescription | None = None
     reconnect: bool = False
+    auto_subscribe: bool = True
 
 
 def parse_join(request: Request, claims: Claims | None) -> JoinParams | Response:
@@ -134,6 +139,8 @@ def parse_join(request: Request, claims: Claims | None) -> JoinParams | Response
         if isinstance(join, str):
             return Response(400, join.encode())
         client, reconnect = join.client_info, join.reconnect
+        auto_subscribe = (not join.HasField("connection_settings")
+                          or join.connection_settings.auto_subscribe)
         if join.metadata:
             metadata = join.metadata
         attributes.update({k: v for k, v in join.participant_attributes.items() if v})
@@ -142,14 +149,15 @@ def parse_join(request: Request, claims: Claims | None) -> JoinParams | Response
     else:
         client = _client_info(request)
         reconnect = _flag(request.param("reconnect"))
+        auto_subscribe = request.param("auto_subscribe") not in ("0", "false")
         encoded = request.param("attributes")
         if encoded:
-            try:
-                extra = json.loads(base64.urlsafe_b64decode(_padded(encoded)))
-                attributes.update({str(k): str(v) for k, v in extra.items() if v})
-            except (binascii.Error, ValueError, AttributeError):
+            extra = decode_attributes(encoded)
+            if extra is None:
                 if request.path.endswith("/validate"):
                     return Response(400, b"cannot decode attributes")
+            else:
+                attributes.update({k: v for k, v in extra.items() if v})
     if len(metadata.encode()) > MAX_METADATA_BYTES or attributes_size(attributes) > \
             MAX_ATTRIBUTES_BYTES:
         return Response(400, b"metadata or attributes exceed the server's limits")
@@ -157,7 +165,7 @@ def parse_join(request: Request, claims: Claims | None) -> JoinParams | Response
         room=video.room, identity=claims.identity, name=claims.name,
         kind=KINDS.get(claims.kind, Kind.STANDARD), metadata=metadata, attributes=attributes,
         grants=video, claims=claims, client=client, single_pc=bool(wrapped),
-        publisher_offer=offer, reconnect=reconnect)
+        publisher_offer=offer, reconnect=reconnect, auto_subscribe=auto_subscribe)
 
 
 def decode_join_request(value: str) -> rtc.JoinRequest | str:
@@ -173,8 +181,44 @@ def decode_join_request(value: str) -> rtc.JoinRequest | str:
         if len(data) > MAX_JOIN_REQUEST:
             return "join_request is too large"
         return rtc.JoinRequest.FromString(data)
-    except (binascii.Error, ValueError, DecodeError, OSError, EOFError) as exc:
+    except (binascii.Error, ValueError, DecodeError, OSError, EOFError, zlib.error) as exc:
         return f"cannot decode join_request: {exc}"
+
+
+def decode_attributes(value: str) -> dict[str, str] | None:
+    """The ``attributes`` parameter of ``/rtc`` (base64url JSON object of strings), or
+    ``None`` if it cannot be read (``decodeAttributes``: livekit-server then joins without
+    them, and ``/validate`` answers 400)."""
+    try:
+        raw = base64.urlsafe_b64decode(_padded(value))
+        # as Go reads JSON: UTF-8 only (invalid bytes as U+FFFD), no NaN or Infinity
+        decoded = json.loads(raw.decode("utf-8", "replace"), parse_constant=_not_json)
+    except (binascii.Error, ValueError, RecursionError):
+        return None
+    if decoded is None:  # Go unmarshals null into a nil map, without an error
+        return {}
+    if not isinstance(decoded, dict) or not all(
+            isinstance(v, str) or v is None for v in decoded.values()):
+        return None  # Go's map[string]string takes strings (null: "") and nothing else
+    return {k: v or "" for k, v in decoded.items()}
+
+
+def _not_json(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def go_atoi32(value: str) -> int:
+    """``int32(strconv.Atoi(value))`` as ``ParseClientInfo`` reads ``protocol``: ASCII digits
+    with an optional sign, 0 if unreadable or beyond int64, wrapped to int32."""
+    if not _ATOI.fullmatch(value):
+        return 0
+    number = int(value)
+    if not -(1 << 63) <= number < 1 << 63:
+        return 0
+    return (number + (1 << 31)) % (1 << 32) - (1 << 31)
+
+
+_ATOI: Final = re.compile(r"[+-]?[0-9]+")
 
 
 def _padded(value: str) -> bytes:
@@ -194,8 +238,7 @@ def _client_info(request: Request) -> models.ClientInfo:
         os_version=request.param("os_version"), device_model=request.param("device_model"),
         browser=request.param("browser"), browser_version=request.param("browser_version"),
         network=request.param("network"),
-        protocol=int(protocol) if protocol.lstrip("-").isdigit() else 0,
-        client_protocol=int(client_protocol) if client_protocol.lstrip("-").isdigit() else 0)
+        protocol=go_atoi32(protocol), client_protocol=go_atoi32(client_protocol))
 
 
 def merge_update(info: models.ParticipantInfo, *, name: str, metadata: str,
@@ -263,6 +306,12 @@ class Session:
         self.info = info
         self.room = room
         self.peer: Peer | None = None
+        self.subscriber: SubscriberPeer | None = None
+        """The peer connection the server offers, once it subscribes to something."""
+        self.pending_tracks: dict[str, Publication] = {}  # AddTrackRequests, by cid
+        self.publications: dict[str, Publication] = {}  # its published tracks, by sid
+        self.subscriptions: dict[str, Publication] = {}  # what it receives, by track sid
+        self.nursery: trio.Nursery | None = None
         self.json = False
         self.settled = trio.Event()
         """Set once the participant is ACTIVE or gone (what the join deadline waits for)."""
@@ -364,11 +413,13 @@ async def run_session(dev: DevServer, session: Session, socket: WebSocket) -> No
             nursery.start_soon(_write_then_stop, session, socket, nursery.cancel_scope)
             session.post(rtc.SignalResponse(join=join_response(dev, session)))
             session.post(rtc.SignalResponse(refresh_token=refresh_token(dev, session)))
+            session.nursery = nursery
             session.peer = await dev.media.new_peer(events_send)
             dev._participant_joined(session)
             nursery.start_soon(_peer_events, dev, session, events)
             if session.params.publisher_offer is not None:
-                await _answer(session, session.params.publisher_offer)
+                await _answer(dev, session, session.params.publisher_offer)
+            await _tracks.joined(dev, session)
             await _read(dev, session, socket)
             if not session.removed:  # the client closed its websocket without a leave
                 dev._remove_session(session, Reason.SIGNAL_CLOSE)
@@ -380,6 +431,7 @@ async def run_session(dev: DevServer, session: Session, socket: WebSocket) -> No
         with trio.CancelScope(shield=True):
             if not session.removed:
                 dev._remove_session(session, Reason.SIGNAL_CLOSE)
+            await _tracks.session_ended(dev, session)
             if session.peer is not None:
                 await session.peer.aclose()
                 dev._changed()
@@ -411,7 +463,7 @@ def join_response(dev: DevServer, session: Session) -> rtc.JoinResponse:
         client_configuration=models.ClientConfiguration())
 
 
-async def _answer(session: Session, offer: rtc.SessionDescription) -> None:
+async def _answer(dev: DevServer, session: Session, offer: rtc.SessionDescription) -> None:
     assert session.peer is not None
     try:
         sdp = await session.peer.answer(offer.sdp)
@@ -421,6 +473,7 @@ async def _answer(session: Session, offer: rtc.SessionDescription) -> None:
         return
     session.post(rtc.SignalResponse(answer=rtc.SessionDescription(
         type="answer", sdp=sdp, id=offer.id)))
+    await _tracks.renegotiated(dev, session)
 
 
 async def _read(dev: DevServer, session: Session, socket: WebSocket) -> None:
@@ -433,7 +486,7 @@ async def _read(dev: DevServer, session: Session, socket: WebSocket) -> None:
         try:
             message = decode_frame(data, rtc.SignalRequest)
         except ValueError as exc:
-            logger.info("participant %s sent an unreadable signal message (%s): closing",
+            logger.debug("participant %s sent an unreadable signal message (%s): closing",
                         session.identity, exc)
             return
         await _handle(dev, session, message)
@@ -442,13 +495,29 @@ async def _read(dev: DevServer, session: Session, socket: WebSocket) -> None:
 async def _handle(dev: DevServer, session: Session, message: rtc.SignalRequest) -> None:
     kind = message.WhichOneof("message")
     if kind == "offer":
-        await _answer(session, message.offer)
-    elif kind == "trickle":
-        if session.peer is not None and message.trickle.candidateInit:
+        await _answer(dev, session, message.offer)
+    elif kind == "answer":
+        if session.subscriber is not None:
             try:
-                await session.peer.add_candidate(message.trickle.candidateInit)
+                await session.subscriber.answered(message.answer.sdp)
+            except Exception as exc:  # aiortc's errors are plain exceptions of many kinds
+                logger.warning("participant %s: cannot take its answer: %r", session.identity,
+                               exc)
+                session.leave(Reason.STATE_MISMATCH)
+    elif kind == "trickle":
+        target: Peer | SubscriberPeer | None = (
+            session.subscriber if message.trickle.target == rtc.SUBSCRIBER else session.peer)
+        if target is not None and message.trickle.candidateInit:
+            try:
+                await target.add_candidate(message.trickle.candidateInit)
             except Exception as exc:  # a candidate aiortc cannot use is skipped, as by pion
                 logger.debug("participant %s: candidate ignored: %r", session.identity, exc)
+    elif kind == "add_track":
+        _tracks.add_track(session, message.add_track)
+    elif kind == "mute":
+        _tracks.set_muted(dev, session, message.mute.sid, message.mute.muted)
+    elif kind == "subscription":
+        await _tracks.update_subscription(dev, session, message.subscription)
     elif kind == "ping":
         session.post(rtc.SignalResponse(pong=int(time.time() * 1000)))
     elif kind == "ping_req":
@@ -460,7 +529,7 @@ async def _handle(dev: DevServer, session: Session, message: rtc.SignalRequest) 
         reason = message.leave.reason
         dev._remove_session(
             session, reason if reason in CLIENT_REASONS else Reason.CLIENT_INITIATED)
-    else:  # answer, media, subscriptions, sync state...: nothing to do without media
+    else:  # track settings, sync state, simulate...: nothing the dev server models
         logger.debug("participant %s: %s ignored", session.identity, kind)
 
 
@@ -498,6 +567,9 @@ async def _peer_events(dev: DevServer, session: Session,
                 session.flush()
         elif event.kind == "data" and event.value in (RELIABLE, LOSSY):
             forward(dev, session, event.value, event.payload)
+        elif event.kind == "track":
+            track, transceiver = event.obj
+            await _tracks.media_arrived(dev, session, track, transceiver)
 
 
 def forward(dev: DevServer, session: Session, label: str, data: bytes) -> None:

@@ -113,7 +113,7 @@ class DevServer:
                  availability_timeout: float = AVAILABILITY_TIMEOUT,
                  register_timeout: float = REGISTER_TIMEOUT,
                  rng: random.Random | None = None, rtc_address: str | None = None,
-                 join_timeout: float = JOIN_TIMEOUT) -> None:
+                 join_timeout: float = JOIN_TIMEOUT, rtc_v1: bool = False) -> None:
         _check_options(api_key, api_secret, availability_timeout, register_timeout)
         if not join_timeout > 0:
             raise ConfigError(f"the join timeout ({join_timeout}) must be a positive number of "
@@ -125,6 +125,7 @@ class DevServer:
         self.register_timeout = register_timeout
         self._rng = rng or random.Random()
         self.join_timeout = join_timeout
+        self.rtc_v1 = rtc_v1
         self.media = MediaHost(rtc_address)
         self._secrets = {api_key: api_secret}
         self._workers: dict[str, WorkerInfo] = {}
@@ -439,7 +440,7 @@ class DevServer:
         participant.state = models.ParticipantInfo.DISCONNECTED
         participant.disconnect_reason = reason  # type: ignore[assignment]
         self._broadcast(info, participant, to_self=False)
-        logger.info("participant %s left room %s (%s)", identity, info.room.name,
+        logger.debug("participant %s left room %s (%s)", identity, info.room.name,
                     models.DisconnectReason.Name(reason))
         if not _dependent(participant):
             info.room.num_participants -= 1
@@ -458,7 +459,8 @@ class DevServer:
         """``/rtc/v1``, ``/rtc``, and their ``/validate``: the join happens here, before the
         upgrade; the session (``_rtc.run_session``) then runs on the websocket."""
         validate = request.path.endswith("/validate")
-        if not validate and not request.wants_websocket:
+        if (not validate and not request.wants_websocket) or (
+                request.path.startswith("/rtc/v1") and not self.rtc_v1):
             return Response(404, NOT_FOUND)
         params = parse_join(request, claims)
         if isinstance(params, Response):
@@ -484,7 +486,7 @@ class DevServer:
         info.sessions[params.identity] = session
         self._admit(info, session.info)
         self._nursery.start_soon(self._join_deadline, session)
-        logger.info("participant %s joined room %s", params.identity, params.room)
+        logger.debug("participant %s joined room %s", params.identity, params.room)
         self._changed()
         return session
 
@@ -596,7 +598,21 @@ class DevServer:
         self._nursery.start_soon(self._dispatch, record, dispatch)
 
     async def _dispatch(self, record: JobInfo, dispatch: agent_dispatch.AgentDispatch) -> None:
-        """Offer the job until a worker takes it, ends it, or the window closes."""
+        """Offer the job until a worker takes it, ends it, or the window closes.
+
+        The error boundary of one dispatch: an error of ours drops this job (logged), and
+        the server, its rooms and its other jobs go on.
+        """
+        try:
+            await self._dispatch_job(record, dispatch)
+        except Exception as exc:
+            logger.exception("dispatching job %s (room %s) failed on an error of the dev server",
+                             record.job.id, record.room)
+            record.dropped = record.dropped or f"dev server error: {exc!r}"
+            record.done = True
+            self._changed()
+
+    async def _dispatch_job(self, record: JobInfo, dispatch: agent_dispatch.AgentDispatch) -> None:
         tried: set[str] = set()
         with trio.move_on_after(self.availability_timeout) as deadline:
             while True:
@@ -771,7 +787,7 @@ class DevServer:
                 message, worker._json = await _receive(socket)
                 await self._handle(worker, message)
         except (_Closed, WebSocketClosed) as exc:
-            logger.info("closing worker %s: %s", worker_id, exc)
+            logger.debug("closing worker %s: %s", worker_id, exc)
         finally:
             if worker is not None:
                 self._deregister(worker, "connection closed")
@@ -798,7 +814,7 @@ class DevServer:
                                 protocol=SIGNAL_PROTOCOL, agent_protocol=AGENT_PROTOCOL,
                                 node_id="ND_devserver"))))
                     self._workers[worker_id] = worker
-                    logger.info("worker %s registered (agent name %r, %s)", worker_id,
+                    logger.debug("worker %s registered (agent name %r, %s)", worker_id,
                                 worker.agent_name, agent.JobType.Name(worker.job_type),
                                 extra={"agent_name": worker.agent_name})
                     self._changed()
@@ -827,7 +843,7 @@ class DevServer:
         worker._socket = None
         for pending in worker._pending.values():
             pending.event.set()  # response None: the offer moves to the next worker
-        logger.info("worker %s deregistered: %s", worker.id, why)
+        logger.debug("worker %s deregistered: %s", worker.id, why)
         self._changed()
 
     async def _send(self, worker: WorkerInfo, message: agent.ServerMessage) -> None:
@@ -840,7 +856,7 @@ class DevServer:
         if kind == "availability":
             pending = worker._pending.get(message.availability.job_id)
             if pending is None:
-                logger.info("availability response for unknown job %s ignored",
+                logger.debug("availability response for unknown job %s ignored",
                             message.availability.job_id)
                 return
             pending.response = message.availability
@@ -891,6 +907,16 @@ class DevServer:
         self._changed()
 
         async def assign() -> None:
+            try:
+                await offer()
+            except Exception as exc:  # this job's error boundary, as in ``_dispatch``
+                logger.exception("simulated job %s failed on an error of the dev server",
+                                 job.id)
+                record.dropped = record.dropped or f"dev server error: {exc!r}"
+                record.done = True
+                self._changed()
+
+        async def offer() -> None:
             with trio.move_on_after(SIMULATE_TIMEOUT) as deadline:
                 record.attempts = 1
                 response = await self._offer(worker, record)
@@ -912,7 +938,7 @@ class DevServer:
 
 async def _refuse_resume(params: JoinParams, socket: WebSocket) -> None:
     """Resuming is not modelled: the client is told to join afresh (``leave`` RECONNECT)."""
-    logger.info("participant %s asked to resume its session: told to rejoin", params.identity)
+    logger.debug("participant %s asked to resume its session: told to rejoin", params.identity)
     leave = rtc_proto.LeaveRequest(reason=Reason.STATE_MISMATCH, can_reconnect=True)
     if params.client.protocol >= 13:
         leave.action = rtc_proto.LeaveRequest.RECONNECT
@@ -982,6 +1008,7 @@ async def open_dev_server(
     rng: random.Random | None = None,
     rtc_address: str | None = None,
     join_timeout: float = JOIN_TIMEOUT,
+    rtc_v1: bool = False,
 ) -> AsyncIterator[DevServer]:
     """Run a dev server for the duration of the block; everything it started ends with it.
 
@@ -999,6 +1026,10 @@ async def open_dev_server(
             participants joining on ``/rtc`` need it (and the ``devserver-rtc`` extra).
         join_timeout: how long a participant has to complete WebRTC before it is removed
             with ``JOIN_FAILURE`` (60 s, as livekit-server; ``math.inf`` disables it).
+        rtc_v1: also serve ``/rtc/v1``, the single-peer-connection signaling of newer
+            livekit-servers, data only (no media). Off by default: as livekit-server 1.8.3,
+            ``/rtc/v1`` is not found, and the SDKs fall back to ``/rtc`` with two peer
+            connections, on which media is forwarded.
     Raises:
         ConfigError: the address cannot be listened on (e.g. the port is in use).
     """
@@ -1019,7 +1050,7 @@ async def open_dev_server(
             dev = DevServer(nursery, api_key=api_key, api_secret=api_secret,
                             availability_timeout=availability_timeout,
                             register_timeout=register_timeout, rng=rng,
-                            rtc_address=rtc_address, join_timeout=join_timeout)
+                            rtc_address=rtc_address, join_timeout=join_timeout, rtc_v1=rtc_v1)
             if listeners:
                 dev.host = host
                 dev.port = listeners[0].socket.getsockname()[1]

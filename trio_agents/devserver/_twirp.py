@@ -1,4 +1,5 @@
-"""Twirp ``RoomService`` and ``AgentDispatchService`` (PROTOCOL.md §7): protobuf or JSON bodies,
+"""Twirp ``RoomService``, ``AgentDispatchService`` and the call-placing part of ``SIP``
+(PROTOCOL.md §7): protobuf or JSON bodies,
 grants checked as livekit-server does, JSON errors ``{"code", "msg"}``.
 
 The token itself was already checked by the auth middleware (``DevServer.authenticate``); a
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
-from livekit.protocol import agent_dispatch, room
+from livekit.protocol import agent_dispatch, room, sip
 
 from .._auth import Claims
 from ..api import TWIRP_STATUS, TwirpError
@@ -35,9 +36,13 @@ class Route:
     request: type[Message]
     handler: Handler
     grant: str
-    """The ``VideoGrants`` attribute the token needs."""
+    """The ``VideoGrants`` attribute the token needs ("" for none)."""
     room_field: str | None = None
     """The request field that must equal the token's ``video.room`` (room-scoped methods)."""
+    sip_grant: str = ""
+    """The ``SIPGrants`` attribute the token needs ("" for none)."""
+    validate: Callable[[Any], None] | None = None
+    """Checks of the request that livekit-server makes before the grants."""
 
 
 def error_response(error: TwirpError) -> Response:
@@ -48,9 +53,13 @@ def error_response(error: TwirpError) -> Response:
 def check_grant(claims: Claims | None, route: Route, request: Message) -> None:
     """``EnsureCreatePermission`` / ``EnsureListPermission`` / ``EnsureAdminPermission``."""
     video = claims.video if claims is not None else None
-    if video is None or not getattr(video, route.grant):
+    sip_grants = claims.sip if claims is not None else None
+    if route.sip_grant and (sip_grants is None or not getattr(sip_grants, route.sip_grant)):
         raise TwirpError("unauthenticated", "permissions denied")
-    if route.room_field is not None and video.room != getattr(request, route.room_field):
+    if route.grant and (video is None or not getattr(video, route.grant)):
+        raise TwirpError("unauthenticated", "permissions denied")
+    if route.room_field is not None and (video is None
+                                         or video.room != getattr(request, route.room_field)):
         raise TwirpError("unauthenticated", "permissions denied")
 
 
@@ -124,6 +133,32 @@ async def _delete_dispatch(dev: DevServer,
     return await dev.delete_dispatch(req.dispatch_id, req.room)
 
 
+async def _create_sip_participant(dev: DevServer, req: sip.CreateSIPParticipantRequest
+                                  ) -> Message:
+    # The dev server keeps no SIP trunks, so every trunk is unknown: livekit-server (with
+    # Redis, where SIP is available) answers this for a trunk it does not have.
+    raise TwirpError("not_found", "requested sip trunk does not exist")
+
+
+def _validate_transfer(req: sip.TransferSIPParticipantRequest) -> None:
+    if not req.room_name:
+        raise TwirpError("invalid_argument", "Missing room name")
+    if not req.participant_identity:
+        raise TwirpError("invalid_argument", "Missing participant identity")
+
+
+async def _transfer_sip_participant(dev: DevServer, req: sip.TransferSIPParticipantRequest
+                                    ) -> Message:
+    info = dev.rooms.get(req.room_name)
+    participant = info.participants.get(req.participant_identity) if info else None
+    if participant is None:
+        raise TwirpError("not_found", "participant does not exist")
+    if "sip.callID" not in participant.attributes:
+        raise TwirpError("invalid_argument", "no SIP session associated with participant")
+    # a participant that claims a call, with no SIP service to carry the transfer
+    raise TwirpError("unavailable", "no SIP service is connected to the dev server")
+
+
 ROUTES: Final[dict[str, Route]] = {
     "RoomService/CreateRoom": Route(room.CreateRoomRequest, _create_room, "room_create"),
     "RoomService/ListRooms": Route(room.ListRoomsRequest, _list_rooms, "room_list"),
@@ -145,17 +180,25 @@ ROUTES: Final[dict[str, Route]] = {
                                                _list_dispatch, "room_admin", "room"),
     "AgentDispatchService/DeleteDispatch": Route(agent_dispatch.DeleteAgentDispatchRequest,
                                                  _delete_dispatch, "room_admin", "room"),
+    "SIP/CreateSIPParticipant": Route(sip.CreateSIPParticipantRequest, _create_sip_participant,
+                                      "", sip_grant="call"),
+    "SIP/TransferSIPParticipant": Route(sip.TransferSIPParticipantRequest,
+                                        _transfer_sip_participant, "room_admin", "room_name",
+                                        sip_grant="call", validate=_validate_transfer),
 }
 
 
 def decode(route: Route, content_type: str, body: bytes) -> Message:
     message = route.request()
     try:
-        if content_type == JSON:
-            json_format.Parse(body or b"{}", message, ignore_unknown_fields=True)
+        if content_type == JSON:  # protojson: one JSON object, an empty body is malformed
+            parsed = json.loads(body)
+            if not isinstance(parsed, dict):
+                raise ValueError(f"a JSON object is expected, not {type(parsed).__name__}")
+            json_format.ParseDict(parsed, message, ignore_unknown_fields=True)
         else:
             message.ParseFromString(body)
-    except (DecodeError, json_format.ParseError, ValueError) as exc:
+    except (DecodeError, json_format.ParseError, ValueError, RecursionError) as exc:
         raise TwirpError("malformed", f"the request could not be decoded: {exc}") from exc
     return message
 
@@ -181,6 +224,8 @@ async def handle_twirp(dev: DevServer, request: Request, claims: Claims | None) 
         if content_type not in (JSON, PROTOBUF):
             raise TwirpError("bad_route", f"unexpected Content-Type: {content_type!r}")
         message = decode(route, content_type, request.body)
+        if route.validate is not None:
+            route.validate(message)
         check_grant(claims, route, message)
         return encode(await route.handler(dev, message), content_type)
     except TwirpError as exc:

@@ -1,0 +1,383 @@
+"""Media tracks on the dev server: publish, subscribe, forward (PROTOCOL.md §6).
+
+What a client sees is what livekit-server shows it:
+
+* ``AddTrackRequest`` → ``TrackPublishedResponse`` with the track's ``TR_`` sid; the track is
+  published (in the participant's ``ParticipantUpdate``) once its media arrives on the
+  publisher peer connection, and unpublished when the client renegotiates it away;
+* subscribers get the track on a second peer connection that the server offers (the v0
+  ``subscriber`` connection), with the stream id ``<participant sid>|<track sid>`` the SDKs
+  map to the publication; auto-subscription follows the join's ``auto_subscribe`` and the
+  token's ``canSubscribe``, and ``UpdateSubscription`` subscribes and unsubscribes by hand;
+* mute and unmute (the client's ``mute`` request, or Twirp ``MutePublishedTrack``) reach
+  every participant as a ``ParticipantUpdate``.
+
+Forwarding decodes and re-encodes: aiortc hands a received track to us as decoded frames and
+encodes what it sends, so each published track is decoded once (Opus or VP8) and encoded once
+per subscriber. ``Publication.pump`` reads the frames (always, so aiortc's queue never grows)
+and hands each to every subscriber's ``ForwardTrack``, which keeps the latest few and drops
+the oldest when its encoder falls behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+from typing import TYPE_CHECKING, Any, Final, final
+
+import trio
+from livekit.protocol import models
+from livekit.protocol import rtc as rtc_proto
+
+from ._media import MediaHost
+
+if TYPE_CHECKING:
+    from aiortc import RTCPeerConnection
+
+    from ._rtc import Session
+    from ._server import DevServer
+
+logger = logging.getLogger("trio_agents.devserver")
+
+#: Frames a subscriber's encoder may fall behind by before the oldest is dropped.
+FORWARD_BUFFER: Final = 8
+
+
+def forward_track(kind: str, track_sid: str) -> Any:
+    """One subscriber's copy of a published track: an aiortc ``MediaStreamTrack`` whose id is
+    the track's sid; ``push`` frames in, aiortc's encoder takes them out with ``recv``."""
+    return _forward_track_class()(kind, track_sid)
+
+
+@functools.cache
+def _forward_track_class() -> type:
+    from aiortc import MediaStreamTrack
+    from aiortc.mediastreams import MediaStreamError
+
+    class _ForwardTrack(MediaStreamTrack):
+        def __init__(self, kind: str, track_sid: str) -> None:
+            super().__init__()
+            self.kind = kind
+            self._id = track_sid
+            self._frames: collections.deque[Any] = collections.deque(maxlen=FORWARD_BUFFER)
+            self._ready = asyncio.Event()
+
+        def push(self, frame: Any) -> None:
+            self._frames.append(frame)
+            self._ready.set()
+
+        async def recv(self) -> Any:
+            while not self._frames:
+                if self.readyState != "live":
+                    raise MediaStreamError
+                self._ready.clear()
+                await self._ready.wait()
+            return self._frames.popleft()
+
+        def stop(self) -> None:
+            super().stop()
+            self._ready.set()
+
+    return _ForwardTrack
+
+
+@final
+class Publication:
+    """A track a participant publishes, from ``AddTrackRequest`` to its end."""
+
+    def __init__(self, info: models.TrackInfo, cid: str) -> None:
+        self.info = info
+        self.cid = cid
+        self.source: Any = None  # aiortc's RemoteStreamTrack, once media arrived
+        self.transceiver: Any = None
+        self.forwards: dict[str, Any] = {}  # by subscriber identity
+
+    @property
+    def sid(self) -> str:
+        return self.info.sid
+
+    @property
+    def kind(self) -> str:
+        return "audio" if self.info.type == models.AUDIO else "video"
+
+    async def pump(self, host: MediaHost) -> None:
+        """Read the publisher's frames as long as they come; hand each to every subscriber."""
+        from aiortc.mediastreams import MediaStreamError
+
+        while True:
+            try:
+                frame = await host.call(self.source.recv)
+            except (MediaStreamError, trio.ClosedResourceError):
+                return
+            for forward in list(self.forwards.values()):
+                host.call_soon(forward.push, frame)
+
+    def sending(self) -> bool:
+        """Whether the client still sends this track (it renegotiates a removed one away)."""
+        transceiver = self.transceiver
+        return transceiver is None or transceiver._offerDirection in ("recvonly", "sendrecv")
+
+
+@final
+class SubscriberPeer:
+    """The peer connection the server offers a participant, carrying what it subscribes to.
+
+    Negotiation is one offer at a time: a change while an offer is out is offered again once
+    the answer is in.
+    """
+
+    def __init__(self, host: MediaHost, session: Session) -> None:
+        self._host = host
+        self._session = session
+        self.pc: Any = None
+        self.transceivers: dict[str, Any] = {}  # by track sid
+        self._offer_out = False
+        self._again = False
+        self._offer_id = 0
+
+    async def start(self) -> None:
+        self.pc = await self._host.call(_new_subscriber_pc)
+
+    async def add(self, publication: Publication, publisher_sid: str, forward: Any) -> None:
+        self.transceivers[publication.sid] = await self._host.call(
+            _add_sender, self.pc, forward, f"{publisher_sid}|{publication.sid}")
+        await self.negotiate()
+
+    async def remove(self, track_sid: str) -> None:
+        transceiver = self.transceivers.pop(track_sid, None)
+        if transceiver is None:
+            return
+        await self._host.call(_stop_sending, transceiver)
+        await self.negotiate()
+
+    async def negotiate(self) -> None:
+        if self._offer_out:
+            self._again = True
+            return
+        self._offer_out = True
+        self._offer_id += 1
+        sdp = await self._host.call(_make_offer, self.pc)
+        self._session.post(rtc_proto.SignalResponse(offer=rtc_proto.SessionDescription(
+            type="offer", sdp=sdp, id=self._offer_id)))
+
+    async def answered(self, sdp: str) -> None:
+        if not self._offer_out:
+            logger.debug("participant %s: an answer without an offer ignored",
+                          self._session.identity)
+            return
+        await self._host.call(_take_answer, self.pc, sdp)
+        self._offer_out = False
+        if self._again:
+            self._again = False
+            await self.negotiate()
+
+    async def add_candidate(self, candidate_init: str) -> None:
+        from ._media import _add_candidate
+
+        await self._host.call(_add_candidate, self.pc, candidate_init)
+
+    async def aclose(self) -> None:
+        pc, self.pc = self.pc, None
+        if pc is None:
+            return
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
+            try:
+                await self._host.call(pc.close)
+            except (trio.ClosedResourceError, RuntimeError) as exc:
+                logger.debug("closing a subscriber peer connection: %r", exc)
+
+
+async def _new_subscriber_pc() -> RTCPeerConnection:
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+
+async def _add_sender(pc: RTCPeerConnection, track: Any, stream_id: str) -> Any:
+    transceiver = pc.addTransceiver(track, direction="sendonly")
+    transceiver.sender._stream_id = stream_id  # what the SDKs map to participant|track
+    return transceiver
+
+
+async def _stop_sending(transceiver: Any) -> None:
+    track = transceiver.sender.track
+    transceiver.direction = "inactive"
+    transceiver.sender.replaceTrack(None)
+    if track is not None:
+        track.stop()
+
+
+async def _make_offer(pc: RTCPeerConnection) -> str:
+    await pc.setLocalDescription(await pc.createOffer())
+    offer: str = pc.localDescription.sdp
+    return offer
+
+
+async def _take_answer(pc: RTCPeerConnection, sdp: str) -> None:
+    from aiortc import RTCSessionDescription
+
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+
+
+# -- what participants do with tracks --------------------------------------------------------
+
+
+def add_track(session: Session, request: rtc_proto.AddTrackRequest) -> None:
+    """``AddTrackRequest``: a sid for the track, told at once; published when media comes."""
+    from ._dispatch import new_id
+
+    if not session.params.grants.can_publish:
+        logger.info("participant %s may not publish (canPublish is false): track %r refused",
+                    session.identity, request.name)
+        return
+    info = models.TrackInfo(
+        sid=new_id("TR_"), type=request.type, name=request.name, source=request.source,
+        muted=request.muted, width=request.width, height=request.height,
+        disable_dtx=request.disable_dtx, stereo=request.stereo,
+        encryption=request.encryption, stream=request.stream)
+    session.pending_tracks[request.cid] = Publication(info, request.cid)
+    session.post(rtc_proto.SignalResponse(track_published=rtc_proto.TrackPublishedResponse(
+        cid=request.cid, track=info)))
+
+
+async def media_arrived(dev: DevServer, session: Session, track: Any, transceiver: Any) -> None:
+    """Media of a requested track arrived: it is published; subscribers get it."""
+    publication = session.pending_tracks.pop(track.id, None)
+    if publication is None:  # a client that names its track otherwise: the oldest of its kind
+        publication = next((p for cid, p in session.pending_tracks.items()
+                            if p.kind == track.kind), None)
+        if publication is None:
+            logger.info("participant %s sent a %s track it did not announce: ignored",
+                        session.identity, track.kind)
+            return
+        del session.pending_tracks[publication.cid]
+    publication.source, publication.transceiver = track, transceiver
+    session.publications[publication.sid] = publication
+    session.info.tracks.append(publication.info)
+    session.info.is_publisher = True
+    assert session.nursery is not None
+    session.nursery.start_soon(publication.pump, dev.media, name=f"pump {publication.sid}")
+    logger.debug("participant %s published %s track %s", session.identity, track.kind,
+                 publication.sid)
+    dev._participant_changed(session.room, session.info)
+    await dev.publish_track(session.room.room.name, session.identity)  # PUBLISHER dispatch
+    for other in list(session.room.sessions.values()):
+        if other is not session and _auto_subscribes(other):
+            await subscribe(dev, other, session, publication)
+
+
+async def renegotiated(dev: DevServer, session: Session) -> None:
+    """After a publisher offer: tracks it no longer sends are unpublished."""
+    for publication in list(session.publications.values()):
+        if not publication.sending():
+            await unpublish(dev, session, publication)
+
+
+async def unpublish(dev: DevServer, session: Session, publication: Publication) -> None:
+    session.publications.pop(publication.sid, None)
+    kept = [t for t in session.info.tracks if t.sid != publication.sid]
+    del session.info.tracks[:]
+    session.info.tracks.extend(kept)
+    for identity in list(publication.forwards):
+        subscriber = session.room.sessions.get(identity)
+        if subscriber is not None:
+            await unsubscribe(subscriber, publication.sid)
+    logger.debug("participant %s unpublished track %s", session.identity, publication.sid)
+    if not session.removed:
+        dev._participant_changed(session.room, session.info)
+
+
+async def subscribe(dev: DevServer, subscriber: Session, publisher: Session,
+                    publication: Publication) -> None:
+    if publication.sid in subscriber.subscriptions or subscriber.removed:
+        return
+    if not subscriber.params.grants.can_subscribe:
+        return
+    if subscriber.subscriber is None:
+        subscriber.subscriber = SubscriberPeer(dev.media, subscriber)
+        await subscriber.subscriber.start()
+    forward = forward_track(publication.kind, publication.sid)
+    publication.forwards[subscriber.identity] = forward
+    subscriber.subscriptions[publication.sid] = publication
+    await subscriber.subscriber.add(publication, publisher.info.sid, forward)
+
+
+async def unsubscribe(subscriber: Session, track_sid: str) -> None:
+    publication = subscriber.subscriptions.pop(track_sid, None)
+    if publication is None:
+        return
+    forward = publication.forwards.pop(subscriber.identity, None)
+    if forward is not None:
+        forward.stop()
+    if subscriber.subscriber is not None and not subscriber.removed:
+        await subscriber.subscriber.remove(track_sid)
+
+
+async def update_subscription(dev: DevServer, session: Session,
+                              request: rtc_proto.UpdateSubscription) -> None:
+    """``UpdateSubscription``: subscribe to or drop tracks by sid."""
+    wanted = set(request.track_sids)
+    for part in request.participant_tracks:
+        wanted.update(part.track_sids)
+    for sid in wanted:
+        if not request.subscribe:
+            await unsubscribe(session, sid)
+            continue
+        found = _find(session, sid)
+        if found is not None:
+            await subscribe(dev, session, *found)
+
+
+def set_muted(dev: DevServer, session: Session, track_sid: str, muted: bool) -> bool:
+    """A track muted or unmuted (by its publisher, or over Twirp): everyone is told."""
+    publication = session.publications.get(track_sid)
+    if publication is None:
+        pending = next((p for p in session.pending_tracks.values() if p.sid == track_sid), None)
+        if pending is None:
+            return False
+        pending.info.muted = muted
+        return True
+    publication.info.muted = muted
+    for track in session.info.tracks:
+        if track.sid == track_sid:
+            track.muted = muted
+    dev._participant_changed(session.room, session.info)
+    return True
+
+
+async def joined(dev: DevServer, session: Session) -> None:
+    """A new participant who auto-subscribes gets what the others already publish."""
+    if not _auto_subscribes(session):
+        return
+    for other in list(session.room.sessions.values()):
+        if other is not session:
+            for publication in list(other.publications.values()):
+                await subscribe(dev, session, other, publication)
+
+
+async def session_ended(dev: DevServer, session: Session) -> None:
+    """Its tracks end for their subscribers, and what it received stops being sent."""
+    for publication in list(session.publications.values()):
+        await unpublish(dev, session, publication)
+    for sid in list(session.subscriptions):
+        publication = session.subscriptions.pop(sid)
+        forward = publication.forwards.pop(session.identity, None)
+        if forward is not None:
+            forward.stop()
+    if session.subscriber is not None:
+        await session.subscriber.aclose()
+
+
+def _auto_subscribes(session: Session) -> bool:
+    return (session.params.auto_subscribe and session.params.grants.can_subscribe
+            and not session.removed)
+
+
+def _find(session: Session, track_sid: str) -> tuple[Session, Publication] | None:
+    for other in session.room.sessions.values():
+        publication = other.publications.get(track_sid)
+        if publication is not None and other is not session:
+            return other, publication
+    return None
