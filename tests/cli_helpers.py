@@ -52,11 +52,6 @@ class CliProcess:
                                      + "\n".join(self.lines))
             await self._changed.wait()
 
-    async def wait_closed(self) -> None:
-        """Until its output has been read to the end."""
-        while not self.closed:
-            await self._changed.wait()
-
     def signal(self, signum: signal.Signals) -> None:
         self.process.send_signal(signum)
 

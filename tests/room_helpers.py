@@ -102,6 +102,38 @@ async def join(dev: Backend, room: str, identity: str, *, kind: str = "",
         yield Peer(joined, receive)
 
 
+async def talk_both_ways(user: Peer, agent_identity: str) -> None:
+    """With the echo agent in the room: data, text and RPC from the participant to the agent
+    and back, then an RPC from the agent, answered by a trio handler."""
+    me = user.room.local_participant.identity
+    await user.room.local_participant.publish_data(
+        b"ping", topic="t", destination_identities=[agent_identity])
+    echo = await user.expect("echo:ping")
+    assert echo.kind == "data:echo" and echo.sender == agent_identity
+    await user.room.local_participant.send_text("hi", topic="chat")
+    assert (await user.expect("echo:hi")).kind == "text:chat-reply"
+    answer = await user.room.local_participant.perform_rpc(
+        destination_identity=agent_identity, method="ping", payload="42")
+    assert answer == f"pong:42:{me}"
+
+    async def whoami(data: rtc.RpcInvocationData) -> str:
+        await trio.sleep(0)
+        return f"{me} answering {data.caller_identity} ({data.payload})"
+
+    user.room.local_participant.register_rpc_method("whoami", whoami)
+    await user.room.local_participant.publish_data(b"q", topic="call-me")
+    assert await user.expect_prefix("rpc-result:") == f"{me} answering {agent_identity} (q)"
+
+
+async def say_bye(user: Peer, agent_identity: str) -> None:
+    """Ask the echo agent to end its job (``ctx.shutdown()``); return once it left the room."""
+    with user.room.events("participant_disconnected") as left:
+        await user.room.local_participant.publish_data(b"", topic="bye")
+        with trio.fail_after(30):
+            while (await left.receive()).args[0].identity != agent_identity:
+                pass
+
+
 def make_agent_server(dev: Backend, url: str | None = None, *,
                       entrypoint: Callable[[JobContext], Awaitable[None]] | None = None,
                       agent_name: str = "room-agent", **options: Any) -> AgentServer:

@@ -212,13 +212,12 @@ class DevServer:
         return room.room
 
     async def delete_room(self, name: str) -> None:
-        """Close the room now: its participants get ``leave`` (ROOM_DELETED), and each
-        running job of it gets ``JobTermination`` and ends ``JS_FAILED`` ("agent worker left
-        the room").
+        """Close the room now: its participants get ``leave`` (ROOM_DELETED); a job whose
+        agent is connected ends by itself when its agent leaves, as on livekit-server.
 
-        Unlike livekit-server, which terminates only the jobs whose agent is in the room,
-        this also ends jobs whose agent has not joined (yet): a test can end a job that never
-        connects, and on a real server such a job would be left running with no room.
+        Unlike livekit-server, which leaves a job whose agent has not joined (yet) running
+        with no room, this terminates it (``JobTermination``, ``JS_FAILED`` "agent worker
+        left the room"): a test can end a job that never connects.
         """
         room = self._rooms.get(name)
         if room is None:
@@ -234,17 +233,25 @@ class DevServer:
             self._close_room(room, "closed: empty", every_job=False)
 
     def _close_room(self, room: RoomInfo, why: str, *, every_job: bool) -> None:
-        """``Room.Close``: participants removed (those on ``/rtc`` get ``leave``); a job whose
-        agent is in the room (or every running job, for ``DeleteRoom``) gets
-        ``JobTermination``; dispatches die with it."""
+        """``Room.Close``: participants removed (those on ``/rtc`` get ``leave``); dispatches
+        die with it.
+
+        As on livekit-server, an agent connected on ``/rtc`` is only told to leave (its job
+        then ends by itself and reports its own status; the server sends no
+        ``JobTermination``). A job whose agent is simulated (``add_participant``), or, for
+        ``DeleteRoom``, never joined, gets ``JobTermination`` (``JS_FAILED``, "agent worker
+        left the room"): nothing else would tell it.
+        """
         del self._rooms[room.room.name]
         room._closer.deadline = -math.inf  # its idle task ends now
         reason = Reason.ROOM_DELETED if every_job else Reason.ROOM_CLOSED
+        told = set(room.sessions)
         for session in list(room.sessions.values()):
             session.remove(reason)
         joined = set(room.participants)
         for job_id in room.job_ids:
-            if every_job or self._jobs[job_id].participant_identity in joined:
+            identity = self._jobs[job_id].participant_identity
+            if identity not in told and (every_job or identity in joined):
                 self._terminate(job_id, agent.JS_FAILED, AGENT_LEFT_ROOM)
         logger.info("room %s %s", room.room.name, why)
         self._changed()
