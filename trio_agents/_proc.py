@@ -43,6 +43,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final, final
 
 import trio
@@ -66,6 +67,9 @@ logger = logging.getLogger("trio_agents.supervisor")
 INTERRUPTED: Final = "stopped before it finished: the agent server shut down"
 #: Wait between SIGTERM and SIGKILL of a job process group.
 TERM_GRACE: Final = 0.5
+#: How long a job about to leave its room waits for its status to be written to LiveKit (the
+#: job itself waits at most 2 s for the ack).
+ENDING_FLUSH_TIMEOUT: Final = 1.5
 #: How long the last messages of an exited child may take to arrive.
 DRAIN_TIMEOUT: Final = 1.0
 #: A memory warning is repeated at most this often, unless usage grew by MEMORY_WARN_STEP_MB.
@@ -91,8 +95,11 @@ class JobProcessHandle:
 
     def __init__(self, config: RunConfig, init: _ipc.InitializeRequest, *, report: StatusReport,
                  marker: str, functions: Functions | None = None,
-                 zygote: Zygote | None = None) -> None:
+                 zygote: Zygote | None = None,
+                 flush: Callable[[], Awaitable[None]] | None = None) -> None:
         self._config = config
+        self._flush = flush
+        """Waits until the statuses reported so far are written to LiveKit."""
         self._zygote = zygote
         self._functions = functions
         """Given: run on a thread (``JobExecutorType.THREAD``) instead of a process."""
@@ -274,7 +281,11 @@ class JobProcessHandle:
                 break
             self._dispatch(msg)
             if isinstance(msg, _ipc.JobEnding):
-                # Its status report is queued now, ahead of anything the job does next.
+                # Its status is reported now; the job leaves its room once LiveKit has it
+                # (written to the websocket), or it would be marked failed for leaving first.
+                if self._flush is not None:
+                    with trio.move_on_after(ENDING_FLUSH_TIMEOUT):
+                        await self._flush()
                 await self._send_quietly(_ipc.JobEndingAck())
         self._init_done.set()
         self._job_event.set()

@@ -344,7 +344,8 @@ class AgentServer:
             prepare_multiproc_dir(config.prometheus_multiproc_dir)
         metrics = self._metrics = ServerMetrics(multiproc_dir=config.prometheus_multiproc_dir)
         metrics.state = self._metrics_state
-        supervisor = ProcessSupervisor(config, report=self._report_job_status, metrics=metrics)
+        supervisor = ProcessSupervisor(config, report=self._report_job_status, metrics=metrics,
+                                       flush=self._flush_statuses)
         control = ControlPlane(
             config,
             supervisor=supervisor,
@@ -391,6 +392,11 @@ class AgentServer:
         finally:
             self._stopped.set()
             self._running = False
+
+    async def _flush_statuses(self) -> None:
+        """Until the job statuses reported so far are written to LiveKit (or it is away)."""
+        if self._control is not None:
+            await self._control.flush()
 
     def _report_job_status(self, job_id: str, status: int, error: str) -> None:
         if self._metrics is not None:

@@ -40,7 +40,7 @@ import os
 import secrets
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Final, final
 
 import attrs
@@ -108,9 +108,11 @@ class ProcessSupervisor:
     """
 
     def __init__(self, config: RunConfig, *, report: StatusReport,
-                 metrics: ServerMetrics | None = None) -> None:
+                 metrics: ServerMetrics | None = None,
+                 flush: Callable[[], Awaitable[None]] | None = None) -> None:
         opts = config.options
         self._metrics = metrics
+        self._flush = flush
         if opts.entrypoint_fnc is None:
             raise ConfigError("no entrypoint: register one with @server.rtc_session()")
         self._config = config
@@ -346,7 +348,7 @@ class ProcessSupervisor:
             functions = Functions(entrypoint=opts.entrypoint_fnc, setup=opts.prewarm_fnc,
                                   session_end=opts.session_end_fnc)
         return JobProcessHandle(self._config, self._init, report=self._report, marker=marker,
-                                functions=functions, zygote=self._zygote)
+                                functions=functions, zygote=self._zygote, flush=self._flush)
 
     async def _supervise(self, handle: JobProcessHandle, *,
                          task_status: trio.TaskStatus[JobProcessHandle]) -> None:
