@@ -63,17 +63,19 @@ class LiveKitServer:
 
 
 @asynccontextmanager
-async def open_livekit_server(node_ip: str, *, timeout: float = 15.0
+async def open_livekit_server(node_ip: str, *, timeout: float = 15.0, config: str = ""
                               ) -> AsyncIterator[LiveKitServer]:
+    """``config``: more YAML for its configuration file (e.g. a ``room:`` section)."""
     binary = server_binary()
     if binary is None:
         raise RuntimeError(f"no livekit-server binary at {DEFAULT_BIN} (set LIVEKIT_SERVER_BIN)")
     http, tcp, udp = _free_ports(3)
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "livekit.yaml"
-        config.write_text(f"port: {http}\nrtc:\n  tcp_port: {tcp}\n  udp_port: {udp}\n")
+        config_file = Path(tmp) / "livekit.yaml"
+        config_file.write_text(f"port: {http}\nrtc:\n  tcp_port: {tcp}\n  udp_port: {udp}\n"
+                               + config)
         process = await trio.lowlevel.open_process(
-            [str(binary), "--config", str(config), "--dev", "--bind", "127.0.0.1",
+            [str(binary), "--config", str(config_file), "--dev", "--bind", "127.0.0.1",
              "--bind", node_ip, "--node-ip", node_ip],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         output = CliProcess(process)

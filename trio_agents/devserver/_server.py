@@ -58,6 +58,7 @@ from ._http import (
     encode_frame,
     serve_http,
 )
+from . import _tracks
 from ._media import LOSSY, RELIABLE, MediaHost
 from ._records import JobInfo, Pending, RoomInfo, WorkerInfo, now_ns
 from ._rtc import (
@@ -103,7 +104,8 @@ class DevServer:
 
     Python API (tests, the CLI demo): ``create_room``, ``delete_room``, ``create_dispatch``,
     ``delete_dispatch``, ``add_participant``, ``publish_track``, ``remove_participant``,
-    ``update_participant``, ``update_room_metadata``, ``send_data``, ``drop_worker``;
+    ``update_participant``, ``mute_published_track``, ``update_subscriptions``,
+    ``update_room_metadata``, ``send_data``, ``drop_worker``;
     read-only views ``workers``, ``jobs``, ``rooms``; ``wait_until``. Real participants join
     on ``/rtc`` (``_rtc.py``) with a LiveKit SDK.
     Errors a client would get from Twirp are raised as ``trio_agents.api.TwirpError``.
@@ -113,7 +115,8 @@ class DevServer:
                  availability_timeout: float = AVAILABILITY_TIMEOUT,
                  register_timeout: float = REGISTER_TIMEOUT,
                  rng: random.Random | None = None, rtc_address: str | None = None,
-                 join_timeout: float = JOIN_TIMEOUT, rtc_v1: bool = False) -> None:
+                 join_timeout: float = JOIN_TIMEOUT, rtc_v1: bool = False,
+                 enable_remote_unmute: bool = False) -> None:
         _check_options(api_key, api_secret, availability_timeout, register_timeout)
         if not join_timeout > 0:
             raise ConfigError(f"the join timeout ({join_timeout}) must be a positive number of "
@@ -126,6 +129,7 @@ class DevServer:
         self._rng = rng or random.Random()
         self.join_timeout = join_timeout
         self.rtc_v1 = rtc_v1
+        self.enable_remote_unmute = enable_remote_unmute
         self.media = MediaHost(rtc_address)
         self._secrets = {api_key: api_secret}
         self._workers: dict[str, WorkerInfo] = {}
@@ -379,6 +383,47 @@ class DevServer:
             raise TwirpError("invalid_argument", f"{exceeded} exceeds the limit")
         self._participant_changed(info, participant)
         return participant
+
+    async def mute_published_track(self, room: str, identity: str, track_sid: str,
+                                   muted: bool) -> models.TrackInfo | None:
+        """``MutePublishedTrack``: the publisher gets a ``mute`` request, and everyone a
+        ``ParticipantUpdate`` if the track's state changed. The track's info, or ``None`` if
+        the participant publishes no such track (not an error, as on livekit-server).
+
+        Unmuting is refused (``failed_precondition``) unless the server was opened with
+        ``enable_remote_unmute`` (``room.enable_remote_unmute`` of livekit-server).
+        """
+        session = self._rtc_participant(room, identity)
+        if not muted and not self.enable_remote_unmute:
+            raise TwirpError("failed_precondition", "remote unmute not enabled")
+        if session is None:  # simulated: it publishes no real track
+            return None
+        return _tracks.set_muted(self, session, track_sid, muted, from_admin=True)
+
+    async def update_subscriptions(self, room: str, identity: str, track_sids: Iterable[str],
+                                   *, subscribe: bool,
+                                   participant_tracks: Iterable[models.ParticipantTracks] = ()
+                                   ) -> None:
+        """``UpdateSubscriptions``: subscribe the participant to the tracks (or unsubscribe
+        it), as its own ``UpdateSubscription`` would; unknown sids are ignored. It happens
+        in the participant's session, after this returns (livekit-server answers first too).
+        """
+        session = self._rtc_participant(room, identity)
+        if session is None:
+            return
+        request = rtc_proto.UpdateSubscription(track_sids=list(track_sids), subscribe=subscribe,
+                                               participant_tracks=list(participant_tracks))
+        (session.nursery or self._nursery).start_soon(
+            _tracks.update_subscription, self, session, request)
+
+    def _rtc_participant(self, room: str, identity: str) -> Session | None:
+        """The participant a participant-scoped RPC goes to: its session (``None`` for a
+        simulated one). livekit-server routes these to the participant's node, and with no
+        such participant no node answers: ``unavailable``, not ``not_found``."""
+        info = self._rooms.get(room)
+        if info is None or identity not in info.participants:
+            raise TwirpError("unavailable", "no response from servers")
+        return info.sessions.get(identity)
 
     async def update_room_metadata(self, room: str, metadata: str) -> models.Room:
         """``UpdateRoomMetadata``: participants get ``room_update`` at once."""
@@ -995,6 +1040,7 @@ async def open_dev_server(
     rtc_address: str | None = None,
     join_timeout: float = JOIN_TIMEOUT,
     rtc_v1: bool = False,
+    enable_remote_unmute: bool = False,
 ) -> AsyncIterator[DevServer]:
     """Run a dev server for the duration of the block; everything it started ends with it.
 
@@ -1016,6 +1062,8 @@ async def open_dev_server(
             livekit-servers, data only (no media). Off by default: as livekit-server 1.8.3,
             ``/rtc/v1`` is not found, and the SDKs fall back to ``/rtc`` with two peer
             connections, on which media is forwarded.
+        enable_remote_unmute: let ``MutePublishedTrack`` unmute (``room.enable_remote_unmute``
+            of livekit-server; off, unmuting is ``failed_precondition``).
     Raises:
         ConfigError: the address cannot be listened on (e.g. the port is in use).
     """
@@ -1036,7 +1084,8 @@ async def open_dev_server(
             dev = DevServer(nursery, api_key=api_key, api_secret=api_secret,
                             availability_timeout=availability_timeout,
                             register_timeout=register_timeout, rng=rng,
-                            rtc_address=rtc_address, join_timeout=join_timeout, rtc_v1=rtc_v1)
+                            rtc_address=rtc_address, join_timeout=join_timeout, rtc_v1=rtc_v1,
+                            enable_remote_unmute=enable_remote_unmute)
             if listeners:
                 dev.host = host
                 dev.port = listeners[0].socket.getsockname()[1]

@@ -93,6 +93,7 @@ class Publication:
         self.source: Any = None  # aiortc's RemoteStreamTrack, once media arrived
         self.transceiver: Any = None
         self.forwards: dict[str, Any] = {}  # by subscriber identity
+        self.ever_subscribed = False
 
     @property
     def sid(self) -> str:
@@ -132,17 +133,37 @@ class SubscriberPeer:
         self._host = host
         self._session = session
         self.pc: Any = None
-        self.transceivers: dict[str, Any] = {}  # by track sid
+        self.transceivers: dict[str, Any] = {}  # what it sends, by track sid
+        self._stopped: dict[str, Any] = {}  # what it sent, by track sid
+        """A track subscribed again reuses its transceiver (its mid and stream): the SDK then
+        keeps its track and sees no new ``track_subscribed``, as with livekit-server."""
         self._offer_out = False
         self._again = False
         self._offer_id = 0
+        self._started: trio.Event | None = None
 
     async def start(self) -> None:
-        self.pc = await self._host.call(_new_subscriber_pc)
+        """Make the peer connection, once; concurrent callers (the participant's own
+        ``UpdateSubscription``, another's publication, Twirp) wait for the first."""
+        if self._started is None:
+            self._started = trio.Event()
+            try:
+                self.pc = await self._host.call(_new_subscriber_pc)
+            finally:
+                self._started.set()
+        await self._started.wait()
+        if self.pc is None:
+            raise trio.ClosedResourceError("the subscriber peer connection did not start")
 
     async def add(self, publication: Publication, publisher_sid: str, forward: Any) -> None:
-        self.transceivers[publication.sid] = await self._host.call(
-            _add_sender, self.pc, forward, f"{publisher_sid}|{publication.sid}")
+        await self.start()
+        stopped = self._stopped.pop(publication.sid, None)
+        if stopped is not None:
+            await self._host.call(_resume_sending, stopped, forward)
+            self.transceivers[publication.sid] = stopped
+        else:
+            self.transceivers[publication.sid] = await self._host.call(
+                _add_sender, self.pc, forward, f"{publisher_sid}|{publication.sid}")
         await self.negotiate()
 
     async def remove(self, track_sid: str) -> None:
@@ -150,6 +171,7 @@ class SubscriberPeer:
         if transceiver is None:
             return
         await self._host.call(_stop_sending, transceiver)
+        self._stopped[track_sid] = transceiver
         await self.negotiate()
 
     async def negotiate(self) -> None:
@@ -199,6 +221,11 @@ async def _add_sender(pc: RTCPeerConnection, track: Any, stream_id: str) -> Any:
     transceiver = pc.addTransceiver(track, direction="sendonly")
     transceiver.sender._stream_id = stream_id  # what the SDKs map to participant|track
     return transceiver
+
+
+async def _resume_sending(transceiver: Any, track: Any) -> None:
+    transceiver.direction = "sendonly"
+    transceiver.sender.replaceTrack(track)
 
 
 async def _stop_sending(transceiver: Any) -> None:
@@ -297,10 +324,14 @@ async def subscribe(dev: DevServer, subscriber: Session, publisher: Session,
         return
     if subscriber.subscriber is None:
         subscriber.subscriber = SubscriberPeer(dev.media, subscriber)
-        await subscriber.subscriber.start()
     forward = forward_track(publication.kind, publication.sid)
     publication.forwards[subscriber.identity] = forward
     subscriber.subscriptions[publication.sid] = publication
+    if not publication.ever_subscribed:  # ``OnTrackEverSubscribed``: the publisher is told once
+        publication.ever_subscribed = True
+        if _supports_track_subscribed(publisher.params.client):
+            publisher.post(rtc_proto.SignalResponse(
+                track_subscribed=rtc_proto.TrackSubscribed(track_sid=publication.sid)))
     await subscriber.subscriber.add(publication, publisher.info.sid, forward)
 
 
@@ -330,21 +361,30 @@ async def update_subscription(dev: DevServer, session: Session,
             await subscribe(dev, session, *found)
 
 
-def set_muted(dev: DevServer, session: Session, track_sid: str, muted: bool) -> bool:
-    """A track muted or unmuted (by its publisher, or over Twirp): everyone is told."""
+def set_muted(dev: DevServer, session: Session, track_sid: str, muted: bool, *,
+              from_admin: bool = False) -> models.TrackInfo | None:
+    """A track muted or unmuted (by its publisher, or over Twirp): everyone is told, if it
+    changed. Muted ``from_admin``, the publisher first gets a ``mute`` request (whatever the
+    sid: ``SetTrackMuted`` sends it before looking the track up). The track's info, or
+    ``None`` if the participant has no such track."""
+    if from_admin:
+        session.post(rtc_proto.SignalResponse(mute=rtc_proto.MuteTrackRequest(
+            sid=track_sid, muted=muted)))
     publication = session.publications.get(track_sid)
     if publication is None:
         pending = next((p for p in session.pending_tracks.values() if p.sid == track_sid), None)
         if pending is None:
-            return False
+            return None
         pending.info.muted = muted
-        return True
+        return pending.info
+    changed = publication.info.muted != muted
     publication.info.muted = muted
     for track in session.info.tracks:
         if track.sid == track_sid:
             track.muted = muted
-    dev._participant_changed(session.room, session.info)
-    return True
+    if changed:
+        dev._participant_changed(session.room, session.info)
+    return publication.info
 
 
 async def joined(dev: DevServer, session: Session) -> None:
@@ -368,6 +408,11 @@ async def session_ended(dev: DevServer, session: Session) -> None:
             forward.stop()
     if session.subscriber is not None:
         await session.subscriber.aclose()
+
+
+def _supports_track_subscribed(client: models.ClientInfo) -> bool:
+    """``SupportTrackSubscribedEvent``: old Rust SDKs cannot decode ``TrackSubscribed``."""
+    return not (client.sdk == models.ClientInfo.RUST and client.protocol < 10)
 
 
 def _auto_subscribes(session: Session) -> bool:
