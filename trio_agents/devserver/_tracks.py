@@ -17,6 +17,12 @@ encodes what it sends, so each published track is decoded once (Opus or VP8) and
 per subscriber. ``Publication.pump`` reads the frames (always, so aiortc's queue never grows)
 and hands each to every subscriber's ``ForwardTrack``, which keeps the latest few and drops
 the oldest when its encoder falls behind.
+
+Owner: this module owns the media state: the publications, the subscriptions, the subscriber
+peer connections and the forwarding, kept on each participant's ``Session`` and changed only
+by the functions here (``MediaHost``, ``_media.py``, runs aiortc for them). ``Tracks`` is the
+entry of the server's API; the session (``_rtc.py``) calls the functions for what a
+participant asks.
 """
 
 from __future__ import annotations
@@ -25,19 +31,21 @@ import asyncio
 import collections
 import functools
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final, final
 
 import trio
 from livekit.protocol import models
 from livekit.protocol import rtc as rtc_proto
 
+from ..api import TwirpError
 from ._media import MediaHost
 
 if TYPE_CHECKING:
     from aiortc import RTCPeerConnection
 
+    from ._rooms import Rooms
     from ._rtc import Session
-    from ._server import DevServer
 
 logger = logging.getLogger("trio_agents.devserver")
 
@@ -248,6 +256,51 @@ async def _take_answer(pc: RTCPeerConnection, sdp: str) -> None:
     await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
 
 
+@final
+class Tracks:
+    """What the server's API does to tracks (``MutePublishedTrack``, ``UpdateSubscriptions``):
+    ``DevServer``'s way into this module."""
+
+    def __init__(self, nursery: trio.Nursery, rooms: Rooms, *,
+                 enable_remote_unmute: bool) -> None:
+        self._nursery = nursery
+        self._rooms = rooms
+        self.enable_remote_unmute = enable_remote_unmute
+
+    async def mute_published_track(self, room: str, identity: str, track_sid: str,
+                                   muted: bool) -> models.TrackInfo | None:
+        """``MutePublishedTrack``: the publisher gets a ``mute`` request, and everyone a
+        ``ParticipantUpdate`` if the track's state changed. The track's info, or ``None`` if
+        the participant publishes no such track (not an error, as on livekit-server).
+
+        Unmuting is refused (``failed_precondition``) unless the server was opened with
+        ``enable_remote_unmute`` (``room.enable_remote_unmute`` of livekit-server).
+        """
+        session = self._rooms._rtc_participant(room, identity)
+        if not muted and not self.enable_remote_unmute:
+            raise TwirpError("failed_precondition", "remote unmute not enabled")
+        if session is None:  # simulated: it publishes no real track
+            return None
+        return set_muted(self._rooms, session, track_sid, muted, from_admin=True)
+
+    async def update_subscriptions(self, room: str, identity: str, track_sids: Iterable[str],
+                                   *, subscribe: bool,
+                                   participant_tracks: Iterable[models.ParticipantTracks] = ()
+                                   ) -> None:
+        """``UpdateSubscriptions``: subscribe the participant to the tracks (or unsubscribe
+        it), as its own ``UpdateSubscription`` would; unknown sids are ignored. It happens
+        in the participant's session, after this returns (livekit-server answers first too).
+        """
+        session = self._rooms._rtc_participant(room, identity)
+        if session is None:
+            return
+        request = rtc_proto.UpdateSubscription(track_sids=list(track_sids), subscribe=subscribe,
+                                               participant_tracks=list(participant_tracks))
+        (session.nursery or self._nursery).start_soon(
+            update_subscription, self._rooms, session, request)
+
+
+
 # -- what participants do with tracks --------------------------------------------------------
 
 
@@ -269,7 +322,7 @@ def add_track(session: Session, request: rtc_proto.AddTrackRequest) -> None:
         cid=request.cid, track=info)))
 
 
-async def media_arrived(dev: DevServer, session: Session, track: Any, transceiver: Any) -> None:
+async def media_arrived(dev: Rooms, session: Session, track: Any, transceiver: Any) -> None:
     """Media of a requested track arrived: it is published; subscribers get it."""
     publication = session.pending_tracks.pop(track.id, None)
     if publication is None:  # a client that names its track otherwise: the oldest of its kind
@@ -295,14 +348,14 @@ async def media_arrived(dev: DevServer, session: Session, track: Any, transceive
             await subscribe(dev, other, session, publication)
 
 
-async def renegotiated(dev: DevServer, session: Session) -> None:
+async def renegotiated(dev: Rooms, session: Session) -> None:
     """After a publisher offer: tracks it no longer sends are unpublished."""
     for publication in list(session.publications.values()):
         if not publication.sending():
             await unpublish(dev, session, publication)
 
 
-async def unpublish(dev: DevServer, session: Session, publication: Publication) -> None:
+async def unpublish(dev: Rooms, session: Session, publication: Publication) -> None:
     session.publications.pop(publication.sid, None)
     kept = [t for t in session.info.tracks if t.sid != publication.sid]
     del session.info.tracks[:]
@@ -316,7 +369,7 @@ async def unpublish(dev: DevServer, session: Session, publication: Publication) 
         dev._participant_changed(session.room, session.info)
 
 
-async def subscribe(dev: DevServer, subscriber: Session, publisher: Session,
+async def subscribe(dev: Rooms, subscriber: Session, publisher: Session,
                     publication: Publication) -> None:
     if publication.sid in subscriber.subscriptions or subscriber.removed:
         return
@@ -346,7 +399,7 @@ async def unsubscribe(subscriber: Session, track_sid: str) -> None:
         await subscriber.subscriber.remove(track_sid)
 
 
-async def update_subscription(dev: DevServer, session: Session,
+async def update_subscription(dev: Rooms, session: Session,
                               request: rtc_proto.UpdateSubscription) -> None:
     """``UpdateSubscription``: subscribe to or drop tracks by sid."""
     wanted = set(request.track_sids)
@@ -361,7 +414,7 @@ async def update_subscription(dev: DevServer, session: Session,
             await subscribe(dev, session, *found)
 
 
-def set_muted(dev: DevServer, session: Session, track_sid: str, muted: bool, *,
+def set_muted(dev: Rooms, session: Session, track_sid: str, muted: bool, *,
               from_admin: bool = False) -> models.TrackInfo | None:
     """A track muted or unmuted (by its publisher, or over Twirp): everyone is told, if it
     changed. Muted ``from_admin``, the publisher first gets a ``mute`` request (whatever the
@@ -387,7 +440,7 @@ def set_muted(dev: DevServer, session: Session, track_sid: str, muted: bool, *,
     return publication.info
 
 
-async def joined(dev: DevServer, session: Session) -> None:
+async def joined(dev: Rooms, session: Session) -> None:
     """A new participant who auto-subscribes gets what the others already publish."""
     if not _auto_subscribes(session):
         return
@@ -397,7 +450,7 @@ async def joined(dev: DevServer, session: Session) -> None:
                 await subscribe(dev, session, other, publication)
 
 
-async def session_ended(dev: DevServer, session: Session) -> None:
+async def session_ended(dev: Rooms, session: Session) -> None:
     """Its tracks end for their subscribers, and what it received stops being sent."""
     for publication in list(session.publications.values()):
         await unpublish(dev, session, publication)
