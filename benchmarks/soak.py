@@ -72,7 +72,7 @@ ROOT: Final = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from trio_agents.devserver import DevServer, JobInfo, WorkerInfo, open_dev_server  # noqa: E402
-from trio_agents.devserver import _server as devserver_impl  # noqa: E402
+from trio_agents.devserver import _dispatcher as devserver_impl  # noqa: E402
 
 FINAL: Final = (agent_pb.JS_SUCCESS, agent_pb.JS_FAILED)
 SUCCESS, FAILED = "JS_SUCCESS", "JS_FAILED"
@@ -182,9 +182,9 @@ class Ledger:
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        original = devserver_impl.DevServer._update_job
+        original = devserver_impl.Dispatcher._update_job
 
-        def recording(dev: DevServer, worker: WorkerInfo,
+        def recording(dev: devserver_impl.Dispatcher, worker: WorkerInfo,
                       update: agent_pb.UpdateJobStatus) -> None:
             seen = Seen(time.monotonic(), update.job_id, update.status, update.error,
                         self.generation)
@@ -194,11 +194,11 @@ class Ledger:
             self._changed = trio.Event()
             original(dev, worker, update)
 
-        devserver_impl.DevServer._update_job = recording  # type: ignore[method-assign,assignment]
+        devserver_impl.Dispatcher._update_job = recording  # type: ignore[method-assign,assignment]
         try:
             yield
         finally:
-            devserver_impl.DevServer._update_job = original  # type: ignore[method-assign]
+            devserver_impl.Dispatcher._update_job = original  # type: ignore[method-assign]
 
     def finals(self, job_id: str) -> list[Seen]:
         return [s for s in self.by_job.get(job_id, ()) if s.status in FINAL]

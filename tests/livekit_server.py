@@ -110,6 +110,8 @@ class LiveKitServer:
     tcp_port: int
     udp_port: int
     extra_args: Sequence[str] = ()
+    extra_config: str = ""
+    """YAML appended to its config file (e.g. ``room:\n  enable_remote_unmute: true\n``)."""
     api_key: str = API_KEY
     api_secret: str = API_SECRET
     records: list[LogRecord] = attrs.Factory(list)
@@ -173,7 +175,7 @@ class LiveKitServer:
         self.config_path.write_text(
             f"port: {self.port}\n"
             f"rtc:\n  tcp_port: {self.tcp_port}\n  udp_port: {self.udp_port}\n"
-            "logging:\n  json: true\n")
+            "logging:\n  json: true\n" + self.extra_config)
 
     async def start(self) -> None:
         """Start the process and return once it serves (``GET /`` answers ``OK``)."""
@@ -262,7 +264,7 @@ class LiveKitServer:
 @asynccontextmanager
 async def open_livekit_server(node_ip: str, *, binary: Path | None = None,
                               workdir: Path | None = None, port: int | None = None,
-                              extra_args: Sequence[str] = (),
+                              extra_args: Sequence[str] = (), config: str = "",
                               timeout: float = START_TIMEOUT) -> AsyncIterator[LiveKitServer]:
     """Run livekit-server for the block, on free ports (``port`` for HTTP if given); it is
     stopped (SIGTERM, then SIGKILL) and reaped when the block ends, however it ends.
@@ -270,7 +272,8 @@ async def open_livekit_server(node_ip: str, *, binary: Path | None = None,
     ``node_ip`` is the address it announces for WebRTC and binds besides 127.0.0.1 (WebRTC
     never uses loopback): the test network namespace's veth address. ``binary`` defaults to
     ``server_binary()``; ``workdir`` (for its config file) to a temporary directory.
-    ``extra_args`` go on its command line (e.g. ``--redis-host``).
+    ``extra_args`` go on its command line (e.g. ``--redis-host``); ``config`` is YAML added
+    to its config file.
     """
     if binary is None:
         binary, why = find_binary()
@@ -284,7 +287,7 @@ async def open_livekit_server(node_ip: str, *, binary: Path | None = None,
                 server = LiveKitServer(
                     binary=binary, workdir=workdir or Path(tmp), node_ip=node_ip,
                     port=port or http, tcp_port=tcp, udp_port=udp, extra_args=extra_args,
-                    start_timeout=timeout, nursery=nursery)
+                    extra_config=config, start_timeout=timeout, nursery=nursery)
                 try:
                     await server.start()
                 except RuntimeError:

@@ -356,7 +356,7 @@ async def test_an_error_in_a_dispatch_drops_only_that_job(
     dev: DevServer, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture
 ) -> None:
-    import trio_agents.devserver._server as server_module
+    import trio_agents.devserver._dispatcher as server_module
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("selection bug")

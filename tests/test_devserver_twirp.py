@@ -125,6 +125,39 @@ async def test_participant_methods(dev: DevServer, http: HttpClient) -> None:
                                                "msg": "participant does not exist"})
 
 
+async def test_participant_scoped_track_methods(dev: DevServer, http: HttpClient) -> None:
+    """``MutePublishedTrack`` and ``UpdateSubscriptions`` go to the participant's node on
+    livekit-server: with no such participant, no node answers (``unavailable``). A simulated
+    participant publishes nothing: no track, no error. Unmuting needs
+    ``enable_remote_unmute``. (Their effect on real participants: tests/test_media.py.)"""
+    await dev.add_participant("p", "alice")
+    grants = {"room_admin": True, "room": "p"}
+    gone = (503, {"code": "unavailable", "msg": "no response from servers"})
+    for identity in ("bob", "alice"):
+        for room_name in ("p", "elsewhere"):
+            if identity == "alice" and room_name == "p":
+                continue
+            assert await call_json(http, ROOMS + "MutePublishedTrack", {
+                "room": room_name, "identity": identity, "track_sid": "TR_x", "muted": True},
+                **{**grants, "room": room_name}) == gone
+            assert await call_json(http, ROOMS + "UpdateSubscriptions", {
+                "room": room_name, "identity": identity, "track_sids": ["TR_x"]},
+                **{**grants, "room": room_name}) == gone
+    muted = await call_proto(http, ROOMS + "MutePublishedTrack", room.MuteRoomTrackRequest(
+        room="p", identity="alice", track_sid="TR_x", muted=True),
+        room.MuteRoomTrackResponse, **grants)
+    assert not muted.HasField("track")
+    assert await call_json(http, ROOMS + "MutePublishedTrack", {
+        "room": "p", "identity": "alice", "track_sid": "TR_x", "muted": False}, **grants) == (
+        412, {"code": "failed_precondition", "msg": "remote unmute not enabled"})
+    assert await call_json(http, ROOMS + "UpdateSubscriptions", {
+        "room": "p", "identity": "alice", "track_sids": ["TR_x"], "subscribe": True},
+        **grants) == (200, {})
+    for method in ("MutePublishedTrack", "UpdateSubscriptions"):
+        assert await call_json(http, ROOMS + method, {"room": "p", "identity": "alice"},
+                               room_admin=True, room="elsewhere") == DENIED
+
+
 async def test_delete_room(dev: DevServer, http: HttpClient) -> None:
     await dev.create_room("gone")
     assert await call_json(http, ROOMS + "DeleteRoom", {"room": "gone"}, room_create=True) == (

@@ -207,6 +207,18 @@ class RoomService:
                                     models.ParticipantInfo,
                                     VideoGrants(room_admin=True, room=request.room))
 
+    async def mute_published_track(self, request: room.MuteRoomTrackRequest
+                                   ) -> room.MuteRoomTrackResponse:
+        return await self._api.call("RoomService", "MutePublishedTrack", request,
+                                    room.MuteRoomTrackResponse,
+                                    VideoGrants(room_admin=True, room=request.room))
+
+    async def update_subscriptions(self, request: room.UpdateSubscriptionsRequest
+                                   ) -> room.UpdateSubscriptionsResponse:
+        return await self._api.call("RoomService", "UpdateSubscriptions", request,
+                                    room.UpdateSubscriptionsResponse,
+                                    VideoGrants(room_admin=True, room=request.room))
+
     async def update_room_metadata(self, request: room.UpdateRoomMetadataRequest) -> models.Room:
         return await self._api.call("RoomService", "UpdateRoomMetadata", request, models.Room,
                                     VideoGrants(room_admin=True, room=request.room))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, final
 
 import attrs
@@ -19,6 +20,27 @@ from livekit.protocol import agent, agent_dispatch, models
 if TYPE_CHECKING:
     from ._http import WebSocket
     from ._rtc import Session
+
+
+@final
+class Changes:
+    """The server's one signal of change, shared by its parts: each calls ``changed()``
+    after changing a record; ``wait_until`` re-checks its predicate after every change."""
+
+    def __init__(self) -> None:
+        self._change = trio.Event()
+
+    async def wait_until(self, predicate: Callable[[], object]) -> None:
+        """Return once ``predicate()`` is true; it is re-checked after every state change.
+
+        Bound it with ``trio.fail_after`` if it may never happen.
+        """
+        while not predicate():
+            await self._change.wait()
+
+    def changed(self) -> None:
+        self._change.set()
+        self._change = trio.Event()
 
 
 def now_ns() -> int:

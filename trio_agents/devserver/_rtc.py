@@ -45,6 +45,7 @@ from ._dispatch import (
     attributes_size,
     new_id,
 )
+from ._dispatcher import SERVER_VERSION, SIGNAL_PROTOCOL
 from ._http import Request, Response, WebSocket, WebSocketClosed, decode_frame, encode_frame
 from . import _tracks
 from ._media import LOSSY, RELIABLE, Peer, PeerEvent
@@ -52,7 +53,7 @@ from ._tracks import Publication, SubscriberPeer
 
 if TYPE_CHECKING:
     from ._records import RoomInfo
-    from ._server import DevServer
+    from ._rooms import Rooms
 
 logger = logging.getLogger("trio_agents.devserver")
 
@@ -391,7 +392,7 @@ class Session:
         await socket.close()
 
 
-def refresh_token(dev: DevServer, session: Session) -> str:
+def refresh_token(dev: Rooms, session: Session) -> str:
     """A fresh token with the participant's current claims (``RoomManager.refreshToken``)."""
     params, info = session.params, session.info
     ttl = max(600.0, params.claims.expires_at - time.time())
@@ -405,7 +406,7 @@ def _kind_name(kind: int) -> str:
     return "" if kind == Kind.STANDARD else Kind.Name(kind).lower()
 
 
-async def run_session(dev: DevServer, session: Session, socket: WebSocket) -> None:
+async def run_session(dev: Rooms, session: Session, socket: WebSocket) -> None:
     """The websocket of one participant, from ``JoinResponse`` to its leaving."""
     events_send, events = trio.open_memory_channel[PeerEvent](math.inf)
     try:
@@ -446,9 +447,7 @@ async def _write_then_stop(session: Session, socket: WebSocket, scope: trio.Canc
     scope.cancel()
 
 
-def join_response(dev: DevServer, session: Session) -> rtc.JoinResponse:
-    from ._server import SERVER_VERSION, SIGNAL_PROTOCOL
-
+def join_response(dev: Rooms, session: Session) -> rtc.JoinResponse:
     room = session.room
     others = [s for s in room.participants.values()
               if s.identity != session.identity and not s.permission.hidden]
@@ -463,7 +462,7 @@ def join_response(dev: DevServer, session: Session) -> rtc.JoinResponse:
         client_configuration=models.ClientConfiguration())
 
 
-async def _answer(dev: DevServer, session: Session, offer: rtc.SessionDescription) -> None:
+async def _answer(dev: Rooms, session: Session, offer: rtc.SessionDescription) -> None:
     assert session.peer is not None
     try:
         sdp = await session.peer.answer(offer.sdp)
@@ -476,7 +475,7 @@ async def _answer(dev: DevServer, session: Session, offer: rtc.SessionDescriptio
     await _tracks.renegotiated(dev, session)
 
 
-async def _read(dev: DevServer, session: Session, socket: WebSocket) -> None:
+async def _read(dev: Rooms, session: Session, socket: WebSocket) -> None:
     while not session.removed:
         try:
             data = await socket.receive()
@@ -492,7 +491,7 @@ async def _read(dev: DevServer, session: Session, socket: WebSocket) -> None:
         await _handle(dev, session, message)
 
 
-async def _handle(dev: DevServer, session: Session, message: rtc.SignalRequest) -> None:
+async def _handle(dev: Rooms, session: Session, message: rtc.SignalRequest) -> None:
     kind = message.WhichOneof("message")
     if kind == "offer":
         await _answer(dev, session, message.offer)
@@ -533,7 +532,7 @@ async def _handle(dev: DevServer, session: Session, message: rtc.SignalRequest) 
         logger.debug("participant %s: %s ignored", session.identity, kind)
 
 
-def _update_own_metadata(dev: DevServer, session: Session,
+def _update_own_metadata(dev: Rooms, session: Session,
                          update: rtc.UpdateParticipantMetadata) -> None:
     def respond(reason: int, text: str = "") -> None:
         if reason != rtc.RequestResponse.OK or session.protocol >= 15:
@@ -553,7 +552,7 @@ def _update_own_metadata(dev: DevServer, session: Session,
     respond(rtc.RequestResponse.OK)
 
 
-async def _peer_events(dev: DevServer, session: Session,
+async def _peer_events(dev: Rooms, session: Session,
                        events: trio.MemoryReceiveChannel[PeerEvent]) -> None:
     async for event in events:
         if event.kind == "state":
@@ -572,7 +571,7 @@ async def _peer_events(dev: DevServer, session: Session,
             await _tracks.media_arrived(dev, session, track, transceiver)
 
 
-def forward(dev: DevServer, session: Session, label: str, data: bytes) -> None:
+def forward(dev: Rooms, session: Session, label: str, data: bytes) -> None:
     """``handleReceivedDataMessage``: check, stamp the sender, pass to the recipients."""
     if not session.params.grants.can_publish_data:
         return

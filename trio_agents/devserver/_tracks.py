@@ -17,6 +17,12 @@ encodes what it sends, so each published track is decoded once (Opus or VP8) and
 per subscriber. ``Publication.pump`` reads the frames (always, so aiortc's queue never grows)
 and hands each to every subscriber's ``ForwardTrack``, which keeps the latest few and drops
 the oldest when its encoder falls behind.
+
+Owner: this module owns the media state: the publications, the subscriptions, the subscriber
+peer connections and the forwarding, kept on each participant's ``Session`` and changed only
+by the functions here (``MediaHost``, ``_media.py``, runs aiortc for them). ``Tracks`` is the
+entry of the server's API; the session (``_rtc.py``) calls the functions for what a
+participant asks.
 """
 
 from __future__ import annotations
@@ -25,19 +31,21 @@ import asyncio
 import collections
 import functools
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final, final
 
 import trio
 from livekit.protocol import models
 from livekit.protocol import rtc as rtc_proto
 
+from ..api import TwirpError
 from ._media import MediaHost
 
 if TYPE_CHECKING:
     from aiortc import RTCPeerConnection
 
+    from ._rooms import Rooms
     from ._rtc import Session
-    from ._server import DevServer
 
 logger = logging.getLogger("trio_agents.devserver")
 
@@ -93,6 +101,7 @@ class Publication:
         self.source: Any = None  # aiortc's RemoteStreamTrack, once media arrived
         self.transceiver: Any = None
         self.forwards: dict[str, Any] = {}  # by subscriber identity
+        self.ever_subscribed = False
 
     @property
     def sid(self) -> str:
@@ -132,17 +141,37 @@ class SubscriberPeer:
         self._host = host
         self._session = session
         self.pc: Any = None
-        self.transceivers: dict[str, Any] = {}  # by track sid
+        self.transceivers: dict[str, Any] = {}  # what it sends, by track sid
+        self._stopped: dict[str, Any] = {}  # what it sent, by track sid
+        """A track subscribed again reuses its transceiver (its mid and stream): the SDK then
+        keeps its track and sees no new ``track_subscribed``, as with livekit-server."""
         self._offer_out = False
         self._again = False
         self._offer_id = 0
+        self._started: trio.Event | None = None
 
     async def start(self) -> None:
-        self.pc = await self._host.call(_new_subscriber_pc)
+        """Make the peer connection, once; concurrent callers (the participant's own
+        ``UpdateSubscription``, another's publication, Twirp) wait for the first."""
+        if self._started is None:
+            self._started = trio.Event()
+            try:
+                self.pc = await self._host.call(_new_subscriber_pc)
+            finally:
+                self._started.set()
+        await self._started.wait()
+        if self.pc is None:
+            raise trio.ClosedResourceError("the subscriber peer connection did not start")
 
     async def add(self, publication: Publication, publisher_sid: str, forward: Any) -> None:
-        self.transceivers[publication.sid] = await self._host.call(
-            _add_sender, self.pc, forward, f"{publisher_sid}|{publication.sid}")
+        await self.start()
+        stopped = self._stopped.pop(publication.sid, None)
+        if stopped is not None:
+            await self._host.call(_resume_sending, stopped, forward)
+            self.transceivers[publication.sid] = stopped
+        else:
+            self.transceivers[publication.sid] = await self._host.call(
+                _add_sender, self.pc, forward, f"{publisher_sid}|{publication.sid}")
         await self.negotiate()
 
     async def remove(self, track_sid: str) -> None:
@@ -150,6 +179,7 @@ class SubscriberPeer:
         if transceiver is None:
             return
         await self._host.call(_stop_sending, transceiver)
+        self._stopped[track_sid] = transceiver
         await self.negotiate()
 
     async def negotiate(self) -> None:
@@ -201,6 +231,11 @@ async def _add_sender(pc: RTCPeerConnection, track: Any, stream_id: str) -> Any:
     return transceiver
 
 
+async def _resume_sending(transceiver: Any, track: Any) -> None:
+    transceiver.direction = "sendonly"
+    transceiver.sender.replaceTrack(track)
+
+
 async def _stop_sending(transceiver: Any) -> None:
     track = transceiver.sender.track
     transceiver.direction = "inactive"
@@ -219,6 +254,51 @@ async def _take_answer(pc: RTCPeerConnection, sdp: str) -> None:
     from aiortc import RTCSessionDescription
 
     await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+
+
+@final
+class Tracks:
+    """What the server's API does to tracks (``MutePublishedTrack``, ``UpdateSubscriptions``):
+    ``DevServer``'s way into this module."""
+
+    def __init__(self, nursery: trio.Nursery, rooms: Rooms, *,
+                 enable_remote_unmute: bool) -> None:
+        self._nursery = nursery
+        self._rooms = rooms
+        self.enable_remote_unmute = enable_remote_unmute
+
+    async def mute_published_track(self, room: str, identity: str, track_sid: str,
+                                   muted: bool) -> models.TrackInfo | None:
+        """``MutePublishedTrack``: the publisher gets a ``mute`` request, and everyone a
+        ``ParticipantUpdate`` if the track's state changed. The track's info, or ``None`` if
+        the participant publishes no such track (not an error, as on livekit-server).
+
+        Unmuting is refused (``failed_precondition``) unless the server was opened with
+        ``enable_remote_unmute`` (``room.enable_remote_unmute`` of livekit-server).
+        """
+        session = self._rooms._rtc_participant(room, identity)
+        if not muted and not self.enable_remote_unmute:
+            raise TwirpError("failed_precondition", "remote unmute not enabled")
+        if session is None:  # simulated: it publishes no real track
+            return None
+        return set_muted(self._rooms, session, track_sid, muted, from_admin=True)
+
+    async def update_subscriptions(self, room: str, identity: str, track_sids: Iterable[str],
+                                   *, subscribe: bool,
+                                   participant_tracks: Iterable[models.ParticipantTracks] = ()
+                                   ) -> None:
+        """``UpdateSubscriptions``: subscribe the participant to the tracks (or unsubscribe
+        it), as its own ``UpdateSubscription`` would; unknown sids are ignored. It happens
+        in the participant's session, after this returns (livekit-server answers first too).
+        """
+        session = self._rooms._rtc_participant(room, identity)
+        if session is None:
+            return
+        request = rtc_proto.UpdateSubscription(track_sids=list(track_sids), subscribe=subscribe,
+                                               participant_tracks=list(participant_tracks))
+        (session.nursery or self._nursery).start_soon(
+            update_subscription, self._rooms, session, request)
+
 
 
 # -- what participants do with tracks --------------------------------------------------------
@@ -242,7 +322,7 @@ def add_track(session: Session, request: rtc_proto.AddTrackRequest) -> None:
         cid=request.cid, track=info)))
 
 
-async def media_arrived(dev: DevServer, session: Session, track: Any, transceiver: Any) -> None:
+async def media_arrived(dev: Rooms, session: Session, track: Any, transceiver: Any) -> None:
     """Media of a requested track arrived: it is published; subscribers get it."""
     publication = session.pending_tracks.pop(track.id, None)
     if publication is None:  # a client that names its track otherwise: the oldest of its kind
@@ -268,14 +348,14 @@ async def media_arrived(dev: DevServer, session: Session, track: Any, transceive
             await subscribe(dev, other, session, publication)
 
 
-async def renegotiated(dev: DevServer, session: Session) -> None:
+async def renegotiated(dev: Rooms, session: Session) -> None:
     """After a publisher offer: tracks it no longer sends are unpublished."""
     for publication in list(session.publications.values()):
         if not publication.sending():
             await unpublish(dev, session, publication)
 
 
-async def unpublish(dev: DevServer, session: Session, publication: Publication) -> None:
+async def unpublish(dev: Rooms, session: Session, publication: Publication) -> None:
     session.publications.pop(publication.sid, None)
     kept = [t for t in session.info.tracks if t.sid != publication.sid]
     del session.info.tracks[:]
@@ -289,7 +369,7 @@ async def unpublish(dev: DevServer, session: Session, publication: Publication) 
         dev._participant_changed(session.room, session.info)
 
 
-async def subscribe(dev: DevServer, subscriber: Session, publisher: Session,
+async def subscribe(dev: Rooms, subscriber: Session, publisher: Session,
                     publication: Publication) -> None:
     if publication.sid in subscriber.subscriptions or subscriber.removed:
         return
@@ -297,10 +377,14 @@ async def subscribe(dev: DevServer, subscriber: Session, publisher: Session,
         return
     if subscriber.subscriber is None:
         subscriber.subscriber = SubscriberPeer(dev.media, subscriber)
-        await subscriber.subscriber.start()
     forward = forward_track(publication.kind, publication.sid)
     publication.forwards[subscriber.identity] = forward
     subscriber.subscriptions[publication.sid] = publication
+    if not publication.ever_subscribed:  # ``OnTrackEverSubscribed``: the publisher is told once
+        publication.ever_subscribed = True
+        if _supports_track_subscribed(publisher.params.client):
+            publisher.post(rtc_proto.SignalResponse(
+                track_subscribed=rtc_proto.TrackSubscribed(track_sid=publication.sid)))
     await subscriber.subscriber.add(publication, publisher.info.sid, forward)
 
 
@@ -315,7 +399,7 @@ async def unsubscribe(subscriber: Session, track_sid: str) -> None:
         await subscriber.subscriber.remove(track_sid)
 
 
-async def update_subscription(dev: DevServer, session: Session,
+async def update_subscription(dev: Rooms, session: Session,
                               request: rtc_proto.UpdateSubscription) -> None:
     """``UpdateSubscription``: subscribe to or drop tracks by sid."""
     wanted = set(request.track_sids)
@@ -330,24 +414,33 @@ async def update_subscription(dev: DevServer, session: Session,
             await subscribe(dev, session, *found)
 
 
-def set_muted(dev: DevServer, session: Session, track_sid: str, muted: bool) -> bool:
-    """A track muted or unmuted (by its publisher, or over Twirp): everyone is told."""
+def set_muted(dev: Rooms, session: Session, track_sid: str, muted: bool, *,
+              from_admin: bool = False) -> models.TrackInfo | None:
+    """A track muted or unmuted (by its publisher, or over Twirp): everyone is told, if it
+    changed. Muted ``from_admin``, the publisher first gets a ``mute`` request (whatever the
+    sid: ``SetTrackMuted`` sends it before looking the track up). The track's info, or
+    ``None`` if the participant has no such track."""
+    if from_admin:
+        session.post(rtc_proto.SignalResponse(mute=rtc_proto.MuteTrackRequest(
+            sid=track_sid, muted=muted)))
     publication = session.publications.get(track_sid)
     if publication is None:
         pending = next((p for p in session.pending_tracks.values() if p.sid == track_sid), None)
         if pending is None:
-            return False
+            return None
         pending.info.muted = muted
-        return True
+        return pending.info
+    changed = publication.info.muted != muted
     publication.info.muted = muted
     for track in session.info.tracks:
         if track.sid == track_sid:
             track.muted = muted
-    dev._participant_changed(session.room, session.info)
-    return True
+    if changed:
+        dev._participant_changed(session.room, session.info)
+    return publication.info
 
 
-async def joined(dev: DevServer, session: Session) -> None:
+async def joined(dev: Rooms, session: Session) -> None:
     """A new participant who auto-subscribes gets what the others already publish."""
     if not _auto_subscribes(session):
         return
@@ -357,7 +450,7 @@ async def joined(dev: DevServer, session: Session) -> None:
                 await subscribe(dev, session, other, publication)
 
 
-async def session_ended(dev: DevServer, session: Session) -> None:
+async def session_ended(dev: Rooms, session: Session) -> None:
     """Its tracks end for their subscribers, and what it received stops being sent."""
     for publication in list(session.publications.values()):
         await unpublish(dev, session, publication)
@@ -368,6 +461,11 @@ async def session_ended(dev: DevServer, session: Session) -> None:
             forward.stop()
     if session.subscriber is not None:
         await session.subscriber.aclose()
+
+
+def _supports_track_subscribed(client: models.ClientInfo) -> bool:
+    """``SupportTrackSubscribedEvent``: old Rust SDKs cannot decode ``TrackSubscribed``."""
+    return not (client.sdk == models.ClientInfo.RUST and client.protocol < 10)
 
 
 def _auto_subscribes(session: Session) -> bool:

@@ -105,6 +105,18 @@ async def _update_participant(dev: DevServer, req: room.UpdateParticipantRequest
                                         name=req.name, attributes=dict(req.attributes))
 
 
+async def _mute_published_track(dev: DevServer, req: room.MuteRoomTrackRequest) -> Message:
+    track = await dev.mute_published_track(req.room, req.identity, req.track_sid, req.muted)
+    return room.MuteRoomTrackResponse(track=track)
+
+
+async def _update_subscriptions(dev: DevServer, req: room.UpdateSubscriptionsRequest) -> Message:
+    await dev.update_subscriptions(req.room, req.identity, req.track_sids,
+                                   subscribe=req.subscribe,
+                                   participant_tracks=req.participant_tracks)
+    return room.UpdateSubscriptionsResponse()
+
+
 async def _update_room_metadata(dev: DevServer, req: room.UpdateRoomMetadataRequest) -> Message:
     return await dev.update_room_metadata(req.room, req.metadata)
 
@@ -171,6 +183,10 @@ ROUTES: Final[dict[str, Route]] = {
                                            "room_admin", "room"),
     "RoomService/UpdateParticipant": Route(room.UpdateParticipantRequest, _update_participant,
                                            "room_admin", "room"),
+    "RoomService/MutePublishedTrack": Route(room.MuteRoomTrackRequest, _mute_published_track,
+                                            "room_admin", "room"),
+    "RoomService/UpdateSubscriptions": Route(room.UpdateSubscriptionsRequest,
+                                             _update_subscriptions, "room_admin", "room"),
     "RoomService/UpdateRoomMetadata": Route(room.UpdateRoomMetadataRequest,
                                             _update_room_metadata, "room_admin", "room"),
     "RoomService/SendData": Route(room.SendDataRequest, _send_data, "room_admin", "room"),
