@@ -190,7 +190,7 @@ class DevBackend(Backend):
                 async with open_dev_server(port=self.port, rtc_address=self.rtc_address) as dev:
                     old, self.dev, self.port = self.dev, dev, dev.port
                     if old is not None:
-                        old._changed()  # whoever waits on the old one looks again
+                        old._changes.changed()  # whoever waits on the old one looks again
                     task_status.started()
                     await trio.sleep_forever()
         finally:
