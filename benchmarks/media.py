@@ -29,10 +29,12 @@ Needs root (it runs in a network namespace of its own: WebRTC never uses loopbac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -173,7 +175,7 @@ async def contender(name: str, server: LiveKitServer, rooms: list[str]
         processes = []
         for argv in argvs:
             process = await trio.lowlevel.open_process(argv, env=env, stdout=-1, stderr=-2,
-                                                       cwd=str(ROOT))
+                                                       cwd=str(ROOT), start_new_session=True)
             output = CliProcess(process)
             nursery.start_soon(output._read)
             processes.append((process, output))
@@ -192,6 +194,9 @@ async def contender(name: str, server: LiveKitServer, rooms: list[str]
                     if process.returncode is None:
                         process.kill()
                         await process.wait()
+                    # what its tree left behind (livekit-agents leaves its forkserver): gone too
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(process.pid, signal.SIGKILL)
             nursery.cancel_scope.cancel()
 
 
