@@ -264,11 +264,15 @@ async def measure(server: LiveKitServer, name: str, *, bursts: int, max_jobs: in
     result["levels"] = {}
     for n in levels:
         rooms = [f"{name}-{serial}-c{n}-{i}" for i in range(n)]
+        failed = ""
         try:
             async with contender(name, server, rooms) as roots:
                 probes, cpu = await echo_rooms(server, rooms, max(5, bursts // 2), roots)
-        except trio.TooSlowError:
-            result["levels"][n] = {"error": "timed out"}
+        except* Exception as group:  # e.g. a probe could not even publish: not held
+            failed = repr(group.exceptions[0])[:200]
+        if failed:
+            result["levels"][n] = {"error": failed}
+            print(f"  {name}: {n} rooms at once failed: {failed}", flush=True)
             break
         worst = max(p.loss() for p in probes)
         result["levels"][n] = {"worst_loss": worst, "cpu_pct": cpu}
