@@ -25,7 +25,7 @@ from trio_agents._errors import ServerConnectionError
 from trio_agents._jobs import JobRequest
 from trio_agents.testing import memory_opener
 
-from control_helpers import RecordingSupervisor, make_control, running
+from control_helpers import make_control, running
 
 
 class Gate(trio.abc.Stream):

@@ -120,7 +120,7 @@ async def test_seed_example_processes_frames_and_says_hello(livekit: Backend) ->
 
 
 async def test_video_agent_reports_the_colour_it_sees(livekit: Backend) -> None:
-    async with example_agent(livekit, "video_colour.py") as agent_cli, \
+    async with example_agent(livekit, "video_colour.py"), \
             join(livekit, "studio", "camera") as user:
         async with publishing_colour(user.room, (200, 30, 60)):
             report = await user.expect(lambda m: m.kind == "data:colour", timeout=20)

@@ -16,7 +16,6 @@ WebRTC never uses loopback, so aiortc is told which one host address to advertis
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import functools
 import json
