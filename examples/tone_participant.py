@@ -54,24 +54,34 @@ async def main(room_name: str) -> None:
                                                else silence)
 
         async def listen(track: rtc.Track) -> None:
-            heard, loud = 0, []
+            heard, burst, quiet, began = 0, [], 0, 0.0
             async with room.audio_stream(track, sample_rate=RATE) as stream:
                 async for event in stream:
                     samples = np.frombuffer(event.frame.data, dtype=np.int16).astype(float)
                     if np.sqrt(np.mean(samples ** 2)) > 1000:
-                        loud.append(samples)
-                    elif loud:  # a burst just ended: when did it start, at what pitch?
-                        data = np.concatenate(loud)
-                        # zero-padded to 1 s: 1 Hz bins (a 100 ms burst alone resolves 10 Hz)
-                        spectrum = np.abs(np.fft.rfft(data * np.hanning(len(data)), n=RATE))
-                        pitch = np.fft.rfftfreq(RATE, 1 / RATE)[int(np.argmax(spectrum))]
-                        delay = (trio.current_time() - len(loud) / 100 - sent[-1]) * 1000
-                        heard += 1
-                        print(f"echo {heard}: {pitch:.0f} Hz, {delay:.0f} ms after it was sung",
-                              flush=True)
-                        loud = []
-                        if heard == BURSTS:
-                            return
+                        if not burst:  # when it began, against when the last burst was sung
+                            began = (trio.current_time() - sent[-1]) * 1000
+                        burst.append(samples)
+                        quiet = 0
+                        continue
+                    if not burst:
+                        continue
+                    # a busy machine can drop a frame mid-burst: the burst ends only after
+                    # 200 ms of quiet (the bursts are 900 ms apart)
+                    quiet += 1
+                    burst.append(samples)
+                    if quiet < 20:
+                        continue
+                    data = np.concatenate(burst[:-quiet])
+                    # zero-padded to 1 s: 1 Hz bins (a 100 ms burst alone resolves 10 Hz)
+                    spectrum = np.abs(np.fft.rfft(data * np.hanning(len(data)), n=RATE))
+                    pitch = np.fft.rfftfreq(RATE, 1 / RATE)[int(np.argmax(spectrum))]
+                    heard += 1
+                    print(f"echo {heard}: {pitch:.0f} Hz, {began:.0f} ms after it was sung",
+                          flush=True)
+                    burst = []
+                    if heard == BURSTS:
+                        return
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sing)

@@ -212,6 +212,7 @@ async def test_the_readme_way_echo_agent_and_tone_participant(livekit: Backend) 
         with trio.fail_after(40):
             line = await singer.wait_for(r"echo 5: \d+ Hz")
         assert await singer.wait() == 0
+        echoes = [found for found in singer.lines if found.startswith("echo ")]
         assert all(abs(int(found.split(": ")[1].split(" Hz")[0]) - 440) <= 10
-                   for found in singer.lines if found.startswith("echo ")), singer.lines
+                   for found in echoes), echoes
         assert line
