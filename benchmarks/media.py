@@ -53,7 +53,7 @@ ROOT: Final = HERE.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(HERE)]
 
 import netns  # noqa: E402
-from cli_helpers import CliProcess  # noqa: E402
+from cli_helpers import CliProcess, terminate  # noqa: E402
 from livekit import rtc  # noqa: E402
 from livekit_server import LiveKitServer, open_livekit_server  # noqa: E402
 from media_helpers import (SAMPLE_RATE, participant_token, rms, silence_frame,  # noqa: E402
@@ -189,11 +189,7 @@ async def contender(name: str, server: LiveKitServer, rooms: list[str]
                 for process, _ in processes:
                     process.terminate()
                 for process, _ in processes:
-                    with trio.move_on_after(20):
-                        await process.wait()
-                    if process.returncode is None:
-                        process.kill()
-                        await process.wait()
+                    await terminate(process, 20)
                     # what its tree left behind (livekit-agents leaves its forkserver): gone too
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(process.pid, signal.SIGKILL)
@@ -333,14 +329,9 @@ async def dev_server_process(address: str) -> AsyncIterator[tuple[Backend, psuti
                 raise
             nursery.cancel_scope.cancel()
     finally:
-        with trio.CancelScope(shield=True):
-            process.terminate()
-            with trio.move_on_after(10):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
-            if process.stdout is not None:
+        await terminate(process)
+        if process.stdout is not None:
+            with trio.CancelScope(shield=True):
                 await process.stdout.aclose()
 
 

@@ -54,7 +54,8 @@ async def main(room_name: str) -> None:
                                                else silence)
 
         async def listen(track: rtc.Track) -> None:
-            heard, burst, quiet, began = 0, [], 0, 0.0
+            heard, quiet, began = 0, 0, 0.0
+            burst: list[np.ndarray] = []
             async with room.audio_stream(track, sample_rate=RATE) as stream:
                 async for event in stream:
                     samples = np.frombuffer(event.frame.data, dtype=np.int16).astype(float)

@@ -81,5 +81,20 @@ async def run_cli(args: Sequence[str], *, env: dict[str, str] | None = None,
                     await process.wait()
 
 
+async def terminate(process: trio.Process, grace: float = 10.0) -> int:
+    """Stop ``process``: SIGTERM, then SIGKILL if it is still there after ``grace`` seconds;
+    reaped. Shielded, so it runs to the end when cancelled. Its exit code."""
+    with trio.CancelScope(shield=True):
+        if process.returncode is None:
+            process.terminate()
+        with trio.move_on_after(grace):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+    assert process.returncode is not None
+    return process.returncode
+
+
 def lines_matching(cli: CliProcess, predicate: Callable[[str], bool]) -> list[str]:
     return [line for line in cli.lines if predicate(line)]

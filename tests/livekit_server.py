@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +31,8 @@ from typing import Any, Final
 import attrs
 import httpx
 import trio
+
+from cli_helpers import terminate
 
 BINARY_ENV: Final = "LIVEKIT_SERVER_BIN"
 #: Where CI puts it: beside the repository, in shared/.
@@ -301,3 +304,41 @@ async def open_livekit_server(node_ip: str, *, binary: Path | None = None,
                 finally:
                     await server.stop()
                 break
+
+
+#: Where Redis comes from (Debian's ``redis-server``), or ``None``.
+REDIS_SERVER: Final = shutil.which("redis-server")
+
+
+@asynccontextmanager
+async def open_redis() -> AsyncIterator[str]:
+    """A throwaway ``redis-server`` (no persistence) on a free loopback port for the block;
+    its ``host:port``, as livekit-server's ``--redis-host`` takes it. Stopped and reaped at
+    the end."""
+    if REDIS_SERVER is None:
+        raise RuntimeError("redis-server is not installed: apt-get install -y redis-server")
+    port, = free_ports(socket.SOCK_STREAM)
+    process = await trio.lowlevel.open_process(
+        [REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+         "--appendonly", "no"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert process.stdout is not None
+    try:
+        async with process.stdout, trio.open_nursery() as nursery:
+            seen = b""
+            with trio.fail_after(START_TIMEOUT):
+                while b"Ready to accept connections" not in seen:
+                    if not (chunk := await process.stdout.receive_some(65536)):
+                        raise RuntimeError(f"redis-server exited at start:\n{seen.decode()}")
+                    seen += chunk
+
+            async def drain() -> None:  # read on, so it never blocks on a full pipe
+                assert process.stdout is not None
+                while await process.stdout.receive_some(65536):
+                    pass
+
+            nursery.start_soon(drain)
+            yield f"127.0.0.1:{port}"
+            nursery.cancel_scope.cancel()
+    finally:
+        await terminate(process, STOP_TIMEOUT)
