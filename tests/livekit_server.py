@@ -71,21 +71,31 @@ def find_binary() -> tuple[Path | None, str]:
 def free_ports(*kinds: int, host: str = "127.0.0.1") -> list[int]:
     """Distinct ports free on ``host`` right now, one per socket kind (``SOCK_STREAM``,
     ``SOCK_DGRAM``); a stream port is also checked free on loopback, where livekit-server
-    binds it too. Another socket may still take one before the server binds it:
+    binds it too (a port free on ``host`` may be a client's on loopback: then other ports
+    are drawn). Another socket may still take one before the server binds it:
     ``open_livekit_server`` then starts again on other ports."""
-    probes = [socket.socket(socket.AF_INET, kind) for kind in kinds]
-    try:
-        for probe in probes:  # all bound at once, so no two are the same
-            probe.bind((host, 0))
-        ports = [int(probe.getsockname()[1]) for probe in probes]
-        if host != "127.0.0.1":
-            for kind, port in zip(kinds, ports, strict=True):
-                with socket.socket(socket.AF_INET, kind) as loopback:
-                    loopback.bind(("127.0.0.1", port))
-        return ports
-    finally:
-        for probe in probes:
-            probe.close()
+    for _ in range(100):
+        probes = [socket.socket(socket.AF_INET, kind) for kind in kinds]
+        try:
+            for probe in probes:  # all bound at once, so no two are the same
+                probe.bind((host, 0))
+            ports = [int(probe.getsockname()[1]) for probe in probes]
+            if host == "127.0.0.1" or all(_free_on_loopback(kind, port)
+                                          for kind, port in zip(kinds, ports, strict=True)):
+                return ports
+        finally:
+            for probe in probes:
+                probe.close()
+    raise RuntimeError(f"found no {len(kinds)} ports free on both {host} and 127.0.0.1")
+
+
+def _free_on_loopback(kind: int, port: int) -> bool:
+    with socket.socket(socket.AF_INET, kind) as loopback:
+        try:
+            loopback.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @attrs.frozen
