@@ -411,3 +411,40 @@ async def test_a_silent_livekit_is_noticed_in_real_time(nursery: trio.Nursery) -
             assert (await http.get("/")).status_code == 200
         assert noticed >= 10  # not before a ping went unanswered for its whole timeout
         await server.aclose()
+
+
+# -- accepts, never assigns -----------------------------------------------------------------------
+
+
+async def test_offers_accepted_but_never_assigned_log_a_bounded_warning(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each offer's AssignmentTimeoutError was its own WARNING: a server that never assigns
+    (or a worker that LiveKit no longer routes to) filled the log with one line per offer."""
+    offers = 200
+
+    async def script(conn: Connection) -> None:
+        await conn.register()
+        async with trio.open_nursery() as inner:
+            inner.start_soon(conn.record)
+            for number in range(offers):  # one offer every 0.5 s, for 100 s; none assigned
+                await conn.offer(f"AJ_{number}")
+                await trio.sleep(0.5)
+            await trio.sleep_forever()
+
+    server = HostileLiveKit(script)
+    control, supervisor = make_control(opener_for(server, nursery))
+    caplog.set_level(logging.WARNING, logger="trio_agents")
+    async with running(control):
+        await server.wait_connections(1)
+        conn = server.connections[0]
+        with trio.fail_after(200):
+            await conn.wait_for(lambda: len(conn.answers()) == offers)
+            await trio.sleep(10)  # the last offer's assignment timeout (7.5 s) passes
+    assert all(a.available for a in conn.answers())
+    assert supervisor.launched == []
+    timeouts = [r.getMessage() for r in caplog.records if "did not assign it" in r.getMessage()]
+    # about 107 s of timeouts, one line per 10 s window at most, the left-out ones counted
+    assert 1 <= len(timeouts) <= 1 + 110 / 10, timeouts
+    assert any("left out" in line for line in timeouts), timeouts

@@ -808,7 +808,11 @@ class _Offer:
             try:
                 await control._request_fnc(request)
             except AssignmentTimeoutError as exc:
-                logger.warning("%s", exc, extra=self._extra)
+                # a server that accepts and never assigns does it to every offer: one line a
+                # window, with a count
+                left_out = control._log_limiter.check("assignment-timeout", trio.current_time())
+                if left_out is not None:
+                    logger.warning("%s%s", exc, suppressed_note(left_out), extra=self._extra)
             except JobProcessError as exc:
                 # from accept(): the job was accepted and assigned, and the supervisor already
                 # reported it JS_FAILED; on_request did nothing wrong and nothing is rejected
