@@ -99,3 +99,67 @@ async def test_a_late_audio_source_does_not_crash_the_bridge() -> None:
         bridge.loop.call_later(-0.01, ran.set)
         with trio.fail_after(5):
             await ran.wait()
+
+
+class _StepCounter(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+
+async def test_ready_asyncio_callbacks_run_together_in_order_and_trio_still_gets_turns() -> None:
+    """trio-asyncio gave each asyncio callback a trio step of its own (a scheduler pass, a
+    cancel scope); the bridge runs those that are ready together, in the same order."""
+    import asyncio
+
+    from trio_agents._room import open_bridge
+    from trio_agents._util import CALLBACK_BATCH, run_ready_callbacks_together
+
+    async with open_bridge() as bridge:
+        # the patch applies to the trio-asyncio installed (it reads the loop's internals)
+        assert run_ready_callbacks_together(bridge.loop)
+        order: list[str] = []
+        done = trio.Event()
+
+        def first() -> None:
+            order.append("first")
+            bridge.loop.call_soon(order.append, "queued by first")
+
+        bridge.loop.call_soon(first)
+        bridge.loop.call_soon(order.append, "second")
+        bridge.loop.call_later(0, order.append, "timer")
+        bridge.loop.call_soon(done.set)
+        with trio.fail_after(5):
+            await done.wait()
+        await bridge.call(asyncio.sleep, 0.01)
+        # FIFO, and a due timer first, as trio-asyncio itself orders them
+        assert order == ["first", "second", "timer", "queued by first"]
+
+        # 1000 callbacks queued at once: a few dozen trio steps, not a thousand
+        counter = _StepCounter()
+        finished = trio.Event()
+        trio.lowlevel.add_instrument(counter)
+        try:
+            for _ in range(999):
+                bridge.loop.call_soon(lambda: None)
+            bridge.loop.call_soon(finished.set)
+            with trio.fail_after(5):
+                await finished.wait()
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert counter.steps <= 4 * (1000 // CALLBACK_BATCH + 1), counter.steps
+
+        # an asyncio task that never waits (sleep(0) forever) does not starve trio
+        async def spin() -> None:
+            while True:
+                await asyncio.sleep(0)
+
+        spinner = bridge.loop.create_task(spin())
+        try:
+            with trio.fail_after(5):
+                for _ in range(20):
+                    await trio.sleep(0.001)
+        finally:
+            spinner.cancel()

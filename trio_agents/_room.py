@@ -38,7 +38,12 @@ from livekit import rtc
 from livekit.rtc.room import EventTypes
 
 from ._errors import RoomConnectError
-from ._util import reraise_unwrapped, sole_error, tolerate_past_deadlines
+from ._util import (
+    reraise_unwrapped,
+    run_ready_callbacks_together,
+    sole_error,
+    tolerate_past_deadlines,
+)
 
 if typing.TYPE_CHECKING:
     from ._media import AudioStream, VideoStream
@@ -103,6 +108,7 @@ async def open_bridge(*, abandon_pending: bool = False) -> AsyncIterator[Bridge]
     try:
         async with trio_asyncio.open_loop() as loop, trio.open_nursery() as nursery:
             tolerate_past_deadlines(loop)
+            run_ready_callbacks_together(loop)
             bridge = Bridge(loop, nursery, abandon_pending=abandon_pending)
             Bridge._by_loop[loop] = bridge
             try:

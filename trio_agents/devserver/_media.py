@@ -143,10 +143,11 @@ class MediaHost:
                    ) -> None:
         import trio_asyncio
 
-        from .._util import tolerate_past_deadlines
+        from .._util import run_ready_callbacks_together, tolerate_past_deadlines
 
         async with trio_asyncio.open_loop() as loop:
             tolerate_past_deadlines(loop)
+            run_ready_callbacks_together(loop)
             self._loop = loop
             task_status.started()
             try:
