@@ -93,8 +93,8 @@ def run_ready_callbacks_together(loop: Any) -> bool:
     the realtime SDK (its stream task, ring buffer, capture request, reply and timer). Here,
     after the step's first callback, those already queued and those they queue in turn run
     at once, as asyncio's own loop runs its ready queue, up to ``CALLBACK_BATCH``; due timers
-    are taken in between, in trio-asyncio's own order. A synthetic echo took 25-40 % less CPU
-    per frame; the realtime echo benchmark about 12 % less.
+    are taken in between, in trio-asyncio's own order. A synthetic echo (a frame from a
+    thread, the SDK's queues and timer, a capture reply) took 25-40 % less CPU per frame.
 
     It relies on trio-asyncio's loop internals (``_main_loop_one``, ``_q_recv``, ``_timers``);
     when they are not there, the loop is left as it is and ``False`` is returned.
