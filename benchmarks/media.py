@@ -186,10 +186,10 @@ async def contender(name: str, server: LiveKitServer, rooms: list[str]
             yield [psutil.Process(p.pid) for p, _ in processes]
         finally:
             with trio.CancelScope(shield=True):
+                async with trio.open_nursery() as stopping:  # all at once, one SIGTERM each
+                    for process, _ in processes:
+                        stopping.start_soon(terminate, process, 20)
                 for process, _ in processes:
-                    process.terminate()
-                for process, _ in processes:
-                    await terminate(process, 20)
                     # what its tree left behind (livekit-agents leaves its forkserver): gone too
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(process.pid, signal.SIGKILL)

@@ -81,12 +81,14 @@ async def run_cli(args: Sequence[str], *, env: dict[str, str] | None = None,
                     await process.wait()
 
 
-async def terminate(process: trio.Process, grace: float = 10.0) -> int:
-    """Stop ``process``: SIGTERM, then SIGKILL if it is still there after ``grace`` seconds;
-    reaped. Shielded, so it runs to the end when cancelled. Its exit code."""
+async def terminate(process: trio.Process, grace: float = 10.0,
+                    sig: signal.Signals = signal.SIGTERM) -> int:
+    """Stop ``process``: ``sig``, then SIGKILL if it is still there after ``grace`` seconds;
+    reaped. Shielded, so it runs to the end when cancelled. Its exit code (negative: the
+    signal)."""
     with trio.CancelScope(shield=True):
         if process.returncode is None:
-            process.terminate()
+            process.send_signal(sig)
         with trio.move_on_after(grace):
             await process.wait()
         if process.returncode is None:

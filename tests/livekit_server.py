@@ -227,14 +227,8 @@ class LiveKitServer:
         process, self._process = self._process, None
         if process is None:
             return 0
+        code = await terminate(process, STOP_TIMEOUT, sig)
         with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.send_signal(sig)
-            with trio.move_on_after(STOP_TIMEOUT):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-            code = await process.wait()
             await self.wait_until(lambda: self.run in self._exited)  # the log is read to EOF
         return code
 

@@ -441,7 +441,7 @@ async def test_offers_accepted_but_never_assigned_log_a_bounded_warning(
         conn = server.connections[0]
         with trio.fail_after(200):
             await conn.wait_for(lambda: len(conn.answers()) == offers)
-            await trio.sleep(10)  # the last offer's assignment timeout (7.5 s) passes
+            await control.wait_offers_done()  # the last offer's assignment timeout too
     assert all(a.available for a in conn.answers())
     assert supervisor.launched == []
     timeouts = [r.getMessage() for r in caplog.records if "did not assign it" in r.getMessage()]

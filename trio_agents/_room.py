@@ -38,12 +38,7 @@ from livekit import rtc
 from livekit.rtc.room import EventTypes
 
 from ._errors import RoomConnectError
-from ._util import (
-    reraise_unwrapped,
-    run_ready_callbacks_together,
-    sole_error,
-    tolerate_past_deadlines,
-)
+from ._util import open_aio_loop, reraise_unwrapped, sole_error
 
 if typing.TYPE_CHECKING:
     from ._media import AudioStream, VideoStream
@@ -106,9 +101,7 @@ async def open_bridge(*, abandon_pending: bool = False) -> AsyncIterator[Bridge]
     """
     body_error: BaseException | None = None
     try:
-        async with trio_asyncio.open_loop() as loop, trio.open_nursery() as nursery:
-            tolerate_past_deadlines(loop)
-            run_ready_callbacks_together(loop)
+        async with open_aio_loop() as loop, trio.open_nursery() as nursery:
             bridge = Bridge(loop, nursery, abandon_pending=abandon_pending)
             Bridge._by_loop[loop] = bridge
             try:

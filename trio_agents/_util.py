@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, NoReturn
 
 import trio
@@ -121,3 +121,15 @@ def run_ready_callbacks_together(loop: Any) -> bool:
 
     loop._main_loop_one = together
     return True
+
+
+@contextlib.asynccontextmanager
+async def open_aio_loop() -> AsyncIterator[Any]:
+    """``trio_asyncio.open_loop()`` for the realtime SDK and aiortc: negative ``call_later``
+    delays tolerated, ready callbacks run together."""
+    import trio_asyncio
+
+    async with trio_asyncio.open_loop() as loop:
+        tolerate_past_deadlines(loop)
+        run_ready_callbacks_together(loop)
+        yield loop

@@ -141,13 +141,9 @@ class MediaHost:
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                    ) -> None:
-        import trio_asyncio
+        from .._util import open_aio_loop
 
-        from .._util import run_ready_callbacks_together, tolerate_past_deadlines
-
-        async with trio_asyncio.open_loop() as loop:
-            tolerate_past_deadlines(loop)
-            run_ready_callbacks_together(loop)
+        async with open_aio_loop() as loop:
             self._loop = loop
             task_status.started()
             try:
